@@ -1,0 +1,1 @@
+//! Agent runs: the supervisor that turns a user message into streamed agent events.

@@ -1,0 +1,1 @@
+//! The thread store: threads and messages per user, in SQLite or PostgreSQL.
