@@ -1,1 +1,5 @@
-//! The chatgate operator.
+//! The chatgate operator: reconciles `ChatService` resources into gated workloads,
+//! and the offline `crd`, `render` and `validate` commands.
+
+pub mod configuration;
+pub mod crd;
