@@ -1,1 +1,308 @@
-fn main() {}
+//! `chatgate-bench`: the load generator behind `make bench`. It starts the chatgate
+//! service, the FastAPI peer and a bare axum baseline, one at a time on free loopback
+//! ports, drives each with the same authenticated WebSocket load, and prints service /
+//! peer ratios against the service's performance targets.
+
+mod client;
+mod phases;
+mod proc_stats;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use client::{Endpoint, TokenMint};
+use report::{Machine, Report, Settings, TargetReport};
+use server::{Server, TargetSpec};
+
+/// The secret the FastAPI peer uses by default; both servers verify with it.
+const DEFAULT_SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks chatgate-service against the FastAPI peer and a bare axum server")]
+struct Args {
+    /// The chatgate-service binary (release build). Its column is left empty without it.
+    #[arg(long)]
+    service_bin: Option<PathBuf>,
+    /// Extra environment for the service, KEY=VALUE (repeatable).
+    #[arg(long = "service-env", value_parser = parse_env)]
+    service_env: Vec<(String, String)>,
+    /// `uvicorn` of a virtualenv with fastapi, uvicorn[standard], pyjwt, websockets.
+    #[arg(long)]
+    peer_uvicorn: Option<PathBuf>,
+    /// Directory holding `fastapi_ws.py`.
+    #[arg(long)]
+    peer_app_dir: Option<PathBuf>,
+    /// The `chatgate-bench-baseline` binary (bare axum ping/pong).
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
+    /// HS256 secret shared by the load generator and the servers.
+    #[arg(long, default_value = DEFAULT_SECRET)]
+    jwt_secret: String,
+    /// Length of each ping/pong phase.
+    #[arg(long, default_value_t = 5.0)]
+    ping_seconds: f64,
+    /// Open connections during the ping/pong phases, one phase per value.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    ping_connections: Vec<usize>,
+    /// Connections opened (and closed) in the connect phase.
+    #[arg(long, default_value_t = 2000)]
+    connects: usize,
+    /// Connections being opened at once in the connect phase.
+    #[arg(long, default_value_t = 50)]
+    connect_concurrency: usize,
+    /// Idle connections held for the memory phase.
+    #[arg(long, default_value_t = 4000)]
+    idle_connections: usize,
+    /// Cold starts per server; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    cold_starts: usize,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    raise_open_files_limit();
+    // Dropping `run` on Ctrl-C drops every `Server` guard, which kills its process.
+    let outcome = tokio::select! {
+        result = run(args) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; servers stopped");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatgate-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let settings = Settings {
+        ping_seconds: args.ping_seconds,
+        ping_connections: args.ping_connections.clone(),
+        connects: args.connects,
+        connect_concurrency: args.connect_concurrency,
+        idle_connections: args.idle_connections,
+        cold_starts: args.cold_starts,
+    };
+    let machine = Machine::this_one();
+    let mint = TokenMint::new(&args.jwt_secret);
+    let mut servers = Vec::new();
+    for (name, spec) in specs(&args) {
+        let report = match spec {
+            Some(spec) => measure(&spec, &settings, &mint).await,
+            None => {
+                let mut r = TargetReport::new(name);
+                r.errors.push("not run: no binary given".into());
+                r
+            }
+        };
+        servers.push(report);
+    }
+    let rows = report::rows(&servers, &settings);
+    let report = Report {
+        machine,
+        settings,
+        servers,
+        rows,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        println!(
+            "machine: {} CPUs, {}; load average at start {}\n",
+            report.machine.cpus, report.machine.cpu_model, report.machine.load_average_at_start
+        );
+        println!("{}", report::render_table(&report));
+    }
+    Ok(())
+}
+
+/// The three servers, in column order; `None` when its program was not given.
+fn specs(args: &Args) -> Vec<(&'static str, Option<TargetSpec>)> {
+    let service = args.service_bin.as_ref().map(|program| {
+        let mut env: Vec<(String, String)> = [
+            ("CHATGATE_LISTEN", "{addr}"),
+            ("CHATGATE_JWT_SECRET", args.jwt_secret.as_str()),
+            ("CHATGATE_ENV", "development"),
+            ("CHATGATE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "warn"),
+            ("CHATGATE_IDLE_TIMEOUT_SECONDS", "3600"),
+            ("CHATGATE_TERMINATION_LOG", "{dir}/termination-log"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        env.extend(args.service_env.iter().cloned());
+        TargetSpec {
+            name: report::SERVICE.into(),
+            program: program.clone(),
+            args: Vec::new(),
+            env,
+            greets: true,
+        }
+    });
+    let peer = args.peer_uvicorn.as_ref().map(|uvicorn| TargetSpec {
+        name: report::PEER.into(),
+        program: uvicorn.clone(),
+        args: [
+            "--app-dir",
+            &args
+                .peer_app_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("."))
+                .display()
+                .to_string(),
+            "fastapi_ws:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        env: vec![("JWT_SECRET".into(), args.jwt_secret.clone())],
+        greets: false,
+    });
+    let baseline = args.baseline_bin.as_ref().map(|program| TargetSpec {
+        name: report::BASELINE.into(),
+        program: program.clone(),
+        args: vec!["--listen".into(), "{addr}".into()],
+        env: Vec::new(),
+        greets: false,
+    });
+    vec![
+        (report::SERVICE, service),
+        (report::PEER, peer),
+        (report::BASELINE, baseline),
+    ]
+}
+
+/// All phases against one server: cold starts, then connect churn and ping/pong on
+/// one instance, then idle memory on a fresh instance (so earlier phases' freed
+/// memory does not hide what idle connections cost).
+async fn measure(spec: &TargetSpec, settings: &Settings, mint: &TokenMint) -> TargetReport {
+    let mut report = TargetReport::new(&spec.name);
+    let name = &spec.name;
+
+    eprintln!("[{name}] cold starts x{}", settings.cold_starts);
+    for _ in 0..settings.cold_starts {
+        match Server::start(spec).await {
+            Ok((server, took)) => {
+                report.cold_start_ms.push(took.as_secs_f64() * 1e3);
+                server.stop().await;
+            }
+            Err(e) => {
+                report.errors.push(format!("start: {e:#}"));
+                return report;
+            }
+        }
+    }
+    report.cold_start_median_ms = report::median(&report.cold_start_ms);
+
+    match Server::start(spec).await {
+        Ok((server, _)) => {
+            let endpoint = Endpoint {
+                addr: server.addr(),
+                greets: spec.greets,
+            };
+            eprintln!(
+                "[{name}] connects: {} at concurrency {}",
+                settings.connects, settings.connect_concurrency
+            );
+            match phases::connect_churn(
+                endpoint,
+                server.pid(),
+                mint,
+                settings.connects,
+                settings.connect_concurrency,
+            )
+            .await
+            {
+                Ok(stats) => report.connects = Some(stats),
+                Err(e) => report.errors.push(format!("connects: {e:#}")),
+            }
+            for &connections in &settings.ping_connections {
+                eprintln!(
+                    "[{name}] ping/pong: {connections} connections for {}s",
+                    settings.ping_seconds
+                );
+                let window = Duration::from_secs_f64(settings.ping_seconds);
+                match phases::ping_throughput(endpoint, server.pid(), mint, connections, window)
+                    .await
+                {
+                    Ok(stats) => report.ping.push(stats),
+                    Err(e) => report.errors.push(format!("ping @{connections}: {e:#}")),
+                }
+            }
+            server.stop().await;
+        }
+        Err(e) => report.errors.push(format!("start: {e:#}")),
+    }
+
+    eprintln!(
+        "[{name}] idle memory: {} connections",
+        settings.idle_connections
+    );
+    match Server::start(spec).await {
+        Ok((server, _)) => {
+            let endpoint = Endpoint {
+                addr: server.addr(),
+                greets: spec.greets,
+            };
+            match phases::idle_memory(endpoint, server.pid(), mint, settings.idle_connections).await
+            {
+                Ok(stats) => report.idle = Some(stats),
+                Err(e) => report.errors.push(format!("idle memory: {e:#}")),
+            }
+            server.stop().await;
+        }
+        Err(e) => report.errors.push(format!("start: {e:#}")),
+    }
+    report
+}
+
+/// Thousands of connections need thousands of descriptors in this process and in the
+/// servers it starts (they inherit the limit): raise the soft limit to the hard one.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the `rlimit` struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

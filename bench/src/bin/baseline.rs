@@ -1,0 +1,63 @@
+//! A bare axum WebSocket ping/pong server — no authentication, no state, default
+//! buffer sizes — that `make bench` runs beside the full service, so the report shows
+//! how far the service's auth, metrics, tracing and persistence move it from the floor.
+//!
+//! Usage: `chatgate-bench-baseline --listen 127.0.0.1:18082`
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Deserialize;
+
+/// The one field the baseline looks at, parsed like the real servers parse it.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let listen = listen_addr()?;
+    let app = Router::new()
+        .route("/ws", get(upgrade))
+        .route("/health/startup", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn listen_addr() -> anyhow::Result<SocketAddr> {
+    let mut args = std::env::args().skip(1);
+    match (args.next().as_deref(), args.next()) {
+        (Some("--listen"), Some(addr)) => Ok(addr.parse()?),
+        _ => anyhow::bail!("usage: chatgate-bench-baseline --listen 127.0.0.1:PORT"),
+    }
+}
+
+async fn upgrade(upgrade: WebSocketUpgrade) -> impl IntoResponse {
+    upgrade.on_upgrade(serve)
+}
+
+async fn serve(mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let is_ping = serde_json::from_str::<Frame>(text.as_str()).is_ok_and(|f| f.kind == "ping");
+        if !is_ping {
+            continue;
+        }
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let pong = format!(r#"{{"type":"pong","timestamp":{timestamp}}}"#);
+        if socket.send(Message::Text(pong.into())).await.is_err() {
+            break;
+        }
+    }
+}

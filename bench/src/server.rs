@@ -1,0 +1,202 @@
+//! The servers under test: how each one is started on a free loopback port, how we
+//! know it is ready (`GET /health/startup` = 200), and a guard that kills it when
+//! the benchmark ends — normally, on error, or on Ctrl-C.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Longest a server may take to answer `/health/startup` with 200.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between readiness probes; small next to the 50 ms cold-start target.
+const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// Longest a single readiness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How to start one server under test.
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    /// Column name in the report.
+    pub name: String,
+    pub program: PathBuf,
+    /// Arguments; `{addr}` and `{port}` are replaced with the chosen listen address.
+    pub args: Vec<String>,
+    /// Environment; values are substituted like `args`.
+    pub env: Vec<(String, String)>,
+    /// The server sends a `{"type":"connected"}` frame after the upgrade; a
+    /// connection counts only once it arrived.
+    pub greets: bool,
+}
+
+/// A running server. Dropping it kills the process.
+pub struct Server {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+    /// Working directory (and stderr log) of the process, removed on drop.
+    dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `spec` on a free loopback port and waits until `/health/startup` is 200.
+    /// Returns the server and the time from spawn to the first 200 (cold start).
+    pub async fn start(spec: &TargetSpec) -> Result<(Server, Duration)> {
+        let addr = free_loopback_addr()?;
+        let dir = std::env::temp_dir().join(format!(
+            "chatgate-bench-{}-{}-{}",
+            std::process::id(),
+            spec.name,
+            addr.port()
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let stderr = std::fs::File::create(dir.join("stderr.log"))?;
+        let fill = |s: &str| {
+            s.replace("{addr}", &addr.to_string())
+                .replace("{port}", &addr.port().to_string())
+                .replace("{dir}", &dir.display().to_string())
+        };
+
+        // The server runs in its own directory, so a relative program path would
+        // resolve against that; resolve it here.
+        let program = std::path::absolute(&spec.program)?;
+        let mut command = Command::new(&program);
+        command
+            .args(spec.args.iter().map(|a| fill(a)))
+            .envs(spec.env.iter().map(|(k, v)| (k, fill(v))))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
+        // the parent; it makes the server die with the benchmark even on SIGKILL.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+
+        let started = Instant::now();
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {} ({})", spec.name, spec.program.display()))?;
+        let pid = child.id().context("server exited at once")?;
+        let mut server = Server {
+            child,
+            pid,
+            addr,
+            dir,
+        };
+        server.wait_ready(started).await?;
+        Ok((server, started.elapsed()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn wait_ready(&mut self, started: Instant) -> Result<()> {
+        while started.elapsed() < STARTUP_TIMEOUT {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "exited before it was ready ({status}); stderr: {}",
+                    self.stderr_tail()
+                );
+            }
+            if let Ok(Ok(200)) = tokio::time::timeout(PROBE_TIMEOUT, http_status(self.addr)).await {
+                return Ok(());
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+        bail!(
+            "/health/startup not 200 within {STARTUP_TIMEOUT:?}; stderr: {}",
+            self.stderr_tail()
+        )
+    }
+
+    fn stderr_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Kills the process and waits for it to be gone, so the next start measures a
+    /// machine without it.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback address whose port was free a moment ago.
+fn free_loopback_addr() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Status code of `GET /health/startup`, over a fresh HTTP/1.1 connection.
+async fn http_status(addr: SocketAddr) -> Result<u16> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request =
+        format!("GET /health/startup HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 256];
+    // The status line fits in the first few reads; stop at its end or at 1 KiB.
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    parse_status_line(&head)
+}
+
+fn parse_status_line(head: &[u8]) -> Result<u16> {
+    let line = std::str::from_utf8(head)?
+        .lines()
+        .next()
+        .unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => Ok(code.parse()?),
+        _ => bail!("not an HTTP response: {line:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_gives_the_code() {
+        assert_eq!(
+            parse_status_line(b"HTTP/1.1 503 Service Unavailable\r\n").unwrap(),
+            503
+        );
+        assert_eq!(
+            parse_status_line(b"HTTP/1.1 200 OK\r\ncontent-length: 2").unwrap(),
+            200
+        );
+        assert!(parse_status_line(b"SSH-2.0").is_err());
+    }
+}
