@@ -1,1 +1,924 @@
 //! The thread store: threads and messages per user, in SQLite or PostgreSQL.
+//!
+//! Every read and write takes the user id, and every query filters on it, so one
+//! user can never read or append to another user's thread: such a thread answers
+//! exactly like a missing one ([`StoreError::NotFound`]).
+//!
+//! # API
+//!
+//! ```text
+//! ThreadStore::connect(url: &str) -> Result<ThreadStore, StoreError>            // async
+//! ThreadStore::ping(&self) -> Result<(), StoreError>                            // async
+//! ThreadStore::backend(&self) -> &'static str                                   // "sqlite" | "postgres"
+//! ThreadStore::create_thread(&self, user: &str, title: &str) -> Result<ThreadSummary, StoreError>
+//! ThreadStore::append_message(&self, user: &str, thread_id: &str, role: Role, content: &str,
+//!                             client_message_id: Option<&str>) -> Result<StoredMessage, StoreError>
+//! ThreadStore::post_user_message(&self, user: &str, thread_id: Option<&str>, content: &str,
+//!                                client_message_id: Option<&str>) -> Result<PostedMessage, StoreError>
+//! ThreadStore::append_reply(&self, user: &str, thread_id: &str, content: &str,
+//!                           in_reply_to: &str, run_id: &str) -> Result<StoredMessage, StoreError>
+//! ThreadStore::find_client_message(&self, user: &str, client_message_id: &str)
+//!                                  -> Result<Option<ClientMessage>, StoreError>
+//! ThreadStore::list_threads(&self, user: &str) -> Result<Vec<ThreadSummary>, StoreError>
+//! ThreadStore::get_thread(&self, user: &str, thread_id: &str) -> Result<Vec<StoredMessage>, StoreError>
+//! ThreadStore::recent_messages(&self, user: &str, thread_id: &str, limit: u32)
+//!                              -> Result<Vec<StoredMessage>, StoreError>
+//! StoreError::is_transient(&self) -> bool
+//! ```
+//!
+//! All methods except `backend` and `is_transient` are `async`. All are cheap to call
+//! from many tasks at once: `ThreadStore` is a handle on a connection pool and
+//! `Clone` only bumps a reference count.
+//!
+//! URLs (`CHATGATE_DATABASE_URL`): `sqlite::memory:` (one private in-memory database
+//! per `connect`), `sqlite://PATH` (the file is created if missing, WAL journal; the
+//! directory must exist), `postgres://USER:PASSWORD@HOST:PORT/DB`. The embedded
+//! migrations run at `connect`.
+//!
+//! Timestamps on the wire are RFC 3339 strings in UTC with millisecond precision.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, migrate::Migrator};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The configuration key a user sets to choose the database; named in every
+/// configuration error so the person reading it knows what to change.
+pub const DATABASE_URL_KEY: &str = "CHATGATE_DATABASE_URL";
+
+/// `list_threads` answers at most this many threads (the most recently updated), so
+/// one `threads` frame stays well under any message size limit.
+pub const LIST_THREADS_LIMIT: i64 = 500;
+
+/// Longest title `create_thread` keeps, in characters; longer titles are cut.
+pub const MAX_TITLE_CHARS: usize = 80;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The person using the chat.
+    User,
+    /// The agent's reply.
+    Assistant,
+}
+
+impl Role {
+    /// The stored and wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Role, StoreError> {
+        match s {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            other => Err(StoreError::Corrupt {
+                message: format!("a stored message has the unknown role `{other}`"),
+            }),
+        }
+    }
+}
+
+/// One thread in a `threads` listing: the wire shape `{thread_id, title, updated_at}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadSummary {
+    pub thread_id: String,
+    pub title: String,
+    /// RFC 3339, UTC.
+    pub updated_at: String,
+}
+
+/// One stored message: the wire shape `{message_id, role, content, created_at}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub message_id: String,
+    pub role: Role,
+    pub content: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// The result of [`ThreadStore::post_user_message`]: where the message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostedMessage {
+    pub thread_id: String,
+    /// True when the call created the thread (no `thread_id` was given).
+    pub created_thread: bool,
+    pub message: StoredMessage,
+}
+
+/// A user message found by its `client_message_id`, and the reply to it if one was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMessage {
+    pub thread_id: String,
+    pub message_id: String,
+    pub content: String,
+    pub reply: Option<StoredReply>,
+}
+
+/// The stored reply to a user message and the run that produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    pub message_id: String,
+    pub run_id: String,
+}
+
+/// Everything the thread store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL cannot work, however long one waits: fix the configuration.
+    #[error("{DATABASE_URL_KEY} is not usable: {reason}")]
+    InvalidUrl { reason: String },
+    /// The database exists in principle but cannot be used right now (not reachable,
+    /// starting up, locked, pool exhausted). `transient` says whether waiting can help.
+    #[error("the thread store at {target} is not usable: {message}")]
+    Unavailable {
+        target: String,
+        message: String,
+        transient: bool,
+    },
+    /// The embedded schema migrations could not be applied.
+    #[error(
+        "the thread store at {target} could not apply its schema migrations: {message}; \
+         check that the database user may create tables, or point {DATABASE_URL_KEY} at a database this version owns"
+    )]
+    Migration { target: String, message: String },
+    /// No such thread for this user (another user's thread answers the same way).
+    #[error("thread {thread_id} not found")]
+    NotFound { thread_id: String },
+    /// A message with this `client_message_id` was already stored for this user.
+    #[error(
+        "a message with client_message_id {client_message_id} was already received (thread {})",
+        existing.thread_id
+    )]
+    Duplicate {
+        client_message_id: String,
+        existing: Box<ClientMessage>,
+    },
+    /// Stored data this version cannot read.
+    #[error("the thread store holds data this version cannot read: {message}")]
+    Corrupt { message: String },
+}
+
+impl StoreError {
+    /// True when retrying later can succeed (the database is not reachable yet, is
+    /// starting, or is busy); false for configuration mistakes that waiting cannot fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable {
+                transient: true,
+                ..
+            }
+        )
+    }
+}
+
+/// The connection pool, one variant per supported database. An enum rather than
+/// sqlx's `Any` driver keeps each backend's own options (WAL, busy timeout, pool
+/// sizing) and its precise error codes.
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same query code against whichever pool is configured. Both backends
+/// accept `$N` placeholders, so each statement is written once.
+macro_rules! with_pool {
+    ($self:expr, |$pool:ident| $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Appends inside the open transaction `$tx`; evaluates to
+/// `Result<Option<StoredMessage>, sqlx::Error>`, `Ok(None)` when the thread is not
+/// this user's. A macro rather than a function because the two backends' connection
+/// types share no object-safe trait that sqlx's executors accept by reborrow.
+///
+/// The `UPDATE … RETURNING` both checks ownership and takes the thread's next
+/// sequence number under the row's write lock, so concurrent appends to one thread
+/// get distinct, ordered positions on both backends.
+macro_rules! append_in {
+    ($tx:expr, $user:expr, $thread_id:expr, $message:expr) => {
+        async {
+            let message: &NewMessage<'_> = $message;
+            let now = now_millis();
+            let Some(row) = sqlx::query(
+                "UPDATE threads SET message_count = message_count + 1, updated_at = $1 \
+                 WHERE thread_id = $2 AND user_id = $3 RETURNING message_count",
+            )
+            .bind(now)
+            .bind($thread_id)
+            .bind($user)
+            .fetch_optional(&mut *$tx)
+            .await?
+            else {
+                return Ok::<_, sqlx::Error>(None);
+            };
+            let seq: i64 = row.try_get(0)?;
+            let message_id = new_id();
+            sqlx::query(
+                "INSERT INTO messages (message_id, thread_id, user_id, seq, role, content, created_at, \
+                 client_message_id, reply_to, run_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(&message_id)
+            .bind($thread_id)
+            .bind($user)
+            .bind(seq)
+            .bind(message.role.as_str())
+            .bind(message.content)
+            .bind(now)
+            .bind(message.client_message_id)
+            .bind(message.reply_to)
+            .bind(message.run_id)
+            .execute(&mut *$tx)
+            .await?;
+            Ok(Some(StoredMessage {
+                message_id,
+                role: message.role,
+                content: message.content.to_owned(),
+                created_at: format_millis(now),
+            }))
+        }
+        .await
+    };
+}
+
+/// Threads and messages per user. Cheap to clone (a handle on a connection pool).
+#[derive(Clone)]
+pub struct ThreadStore {
+    pool: Pool,
+    /// Where the store points, without credentials, for error messages.
+    target: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for ThreadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadStore")
+            .field("backend", &self.backend())
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl ThreadStore {
+    /// Opens the database named by `url`, applies the embedded migrations and checks
+    /// the connection. See the module documentation for the accepted URLs.
+    pub async fn connect(url: &str) -> Result<ThreadStore, StoreError> {
+        let url = url.trim();
+        if url.starts_with("sqlite:") {
+            Self::connect_sqlite(url).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::connect_postgres(url).await
+        } else {
+            let scheme = match url.split_once(':') {
+                Some((scheme, _))
+                    if !scheme.is_empty()
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+                {
+                    format!("uses the scheme `{scheme}`, which the thread store does not support")
+                }
+                _ if url.is_empty() => "is empty".to_owned(),
+                _ => "is not a database URL".to_owned(),
+            };
+            Err(StoreError::InvalidUrl {
+                reason: format!(
+                    "the value {scheme}; set it to sqlite://PATH, sqlite::memory: or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                ),
+            })
+        }
+    }
+
+    async fn connect_sqlite(url: &str) -> Result<ThreadStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
+            reason: format!(
+                "it is not a valid SQLite URL ({e}); use sqlite://PATH or sqlite::memory:"
+            ),
+        })?;
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let target: std::sync::Arc<str> = if in_memory {
+            "sqlite::memory:".into()
+        } else {
+            format!("sqlite://{}", options.get_filename().display()).into()
+        };
+        if !in_memory {
+            // A missing directory is a wrong path or a volume that is not mounted; in a
+            // container both are fixed by changing the deployment, not by waiting.
+            let parent = options
+                .get_filename()
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(StoreError::InvalidUrl {
+                    reason: format!(
+                        "the directory {} of the SQLite file does not exist; create it (or mount a volume there) or point {DATABASE_URL_KEY} at an existing directory",
+                        parent.display()
+                    ),
+                });
+            }
+        }
+        let options = options
+            .create_if_missing(true)
+            .foreign_keys(true)
+            // Writers wait for each other instead of failing with "database is locked".
+            .busy_timeout(Duration::from_secs(5));
+        let options = if in_memory {
+            options
+        } else {
+            // WAL lets readers (list_threads, get_thread) proceed during a write;
+            // NORMAL sync is durable across process crashes in WAL mode.
+            options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+        };
+        let pool_options = if in_memory {
+            // An in-memory database lives as long as one connection to it: keep exactly
+            // one, forever.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            SqlitePoolOptions::new().max_connections(4)
+        };
+        let pool = pool_options
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(&target, e, Backend::Sqlite))?;
+        let store = ThreadStore {
+            pool: Pool::Sqlite(pool),
+            target,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn connect_postgres(url: &str) -> Result<ThreadStore, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
+            reason: format!(
+                "it is not a valid PostgreSQL URL ({}); use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                redact_sqlx_message(&e.to_string(), url)
+            ),
+        })?;
+        let target: std::sync::Arc<str> = format!(
+            "postgres://{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        )
+        .into();
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| classify(&target, e, Backend::Postgres))?;
+        let store = ThreadStore {
+            pool: Pool::Postgres(pool),
+            target,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let result = with_pool!(self, |pool| MIGRATOR.run(pool).await);
+        result.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => self.error(inner),
+            other => StoreError::Migration {
+                target: self.target.to_string(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Checks that the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let result = with_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop));
+        result.map_err(|e| self.error(e))
+    }
+
+    /// Creates an empty thread owned by `user`. The title is cut to
+    /// [`MAX_TITLE_CHARS`] characters.
+    pub async fn create_thread(
+        &self,
+        user: &str,
+        title: &str,
+    ) -> Result<ThreadSummary, StoreError> {
+        let thread_id = new_id();
+        let title = clip_title(title);
+        let now = now_millis();
+        let result = with_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
+                 VALUES ($1, $2, $3, $4, $4, 0)",
+            )
+            .bind(&thread_id)
+            .bind(user)
+            .bind(&title)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(drop)
+        });
+        result.map_err(|e| self.error(e))?;
+        Ok(ThreadSummary {
+            thread_id,
+            title,
+            updated_at: format_millis(now),
+        })
+    }
+
+    /// Appends a message to one of `user`'s threads. Another user's thread, or a
+    /// missing one, is [`StoreError::NotFound`]. A `client_message_id` this user already
+    /// used is [`StoreError::Duplicate`] carrying the stored message, and nothing is written.
+    pub async fn append_message(
+        &self,
+        user: &str,
+        thread_id: &str,
+        role: Role,
+        content: &str,
+        client_message_id: Option<&str>,
+    ) -> Result<StoredMessage, StoreError> {
+        let message = NewMessage {
+            role,
+            content,
+            client_message_id,
+            reply_to: None,
+            run_id: None,
+        };
+        let result = with_pool!(self, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                let stored = append_in!(tx, user, thread_id, &message)?;
+                if stored.is_some() {
+                    tx.commit().await?;
+                }
+                Ok::<_, sqlx::Error>(stored)
+            }
+            .await
+        });
+        self.finish_append(user, thread_id, client_message_id, result)
+            .await
+    }
+
+    /// Stores a user's chat message: in `thread_id` when given (which must be this
+    /// user's), otherwise in a new thread titled after the message. Thread creation
+    /// and the message are one transaction, so a retried first message never leaves
+    /// an empty thread behind. Errors as [`append_message`](Self::append_message).
+    pub async fn post_user_message(
+        &self,
+        user: &str,
+        thread_id: Option<&str>,
+        content: &str,
+        client_message_id: Option<&str>,
+    ) -> Result<PostedMessage, StoreError> {
+        let (thread_id, created_thread) = match thread_id {
+            Some(id) => (id.to_owned(), false),
+            None => (new_id(), true),
+        };
+        let title = clip_title(content);
+        let message = NewMessage {
+            role: Role::User,
+            content,
+            client_message_id,
+            reply_to: None,
+            run_id: None,
+        };
+        let result = with_pool!(self, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                if created_thread {
+                    sqlx::query(
+                        "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
+                         VALUES ($1, $2, $3, $4, $4, 0)",
+                    )
+                    .bind(&thread_id)
+                    .bind(user)
+                    .bind(&title)
+                    .bind(now_millis())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let stored = append_in!(tx, user, &thread_id, &message)?;
+                if stored.is_some() {
+                    tx.commit().await?;
+                }
+                Ok::<_, sqlx::Error>(stored)
+            }
+            .await
+        });
+        let message = self
+            .finish_append(user, &thread_id, client_message_id, result)
+            .await?;
+        Ok(PostedMessage {
+            thread_id,
+            created_thread,
+            message,
+        })
+    }
+
+    /// Stores the agent's reply to the user message `in_reply_to`, written by run
+    /// `run_id`, so a retried user message can be answered from the store.
+    pub async fn append_reply(
+        &self,
+        user: &str,
+        thread_id: &str,
+        content: &str,
+        in_reply_to: &str,
+        run_id: &str,
+    ) -> Result<StoredMessage, StoreError> {
+        let message = NewMessage {
+            role: Role::Assistant,
+            content,
+            client_message_id: None,
+            reply_to: Some(in_reply_to),
+            run_id: Some(run_id),
+        };
+        let result = with_pool!(self, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                let stored = append_in!(tx, user, thread_id, &message)?;
+                if stored.is_some() {
+                    tx.commit().await?;
+                }
+                Ok::<_, sqlx::Error>(stored)
+            }
+            .await
+        });
+        self.finish_append(user, thread_id, None, result).await
+    }
+
+    async fn finish_append(
+        &self,
+        user: &str,
+        thread_id: &str,
+        client_message_id: Option<&str>,
+        result: Result<Option<StoredMessage>, sqlx::Error>,
+    ) -> Result<StoredMessage, StoreError> {
+        match result {
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => Err(StoreError::NotFound {
+                thread_id: thread_id.to_owned(),
+            }),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                let Some(client_message_id) = client_message_id else {
+                    // Only the client id is unique per user; ids are random UUIDs.
+                    return Err(self.error(sqlx::Error::Database(db)));
+                };
+                match self.find_client_message(user, client_message_id).await? {
+                    Some(existing) => Err(StoreError::Duplicate {
+                        client_message_id: client_message_id.to_owned(),
+                        existing: Box::new(existing),
+                    }),
+                    None => Err(self.error(sqlx::Error::Database(db))),
+                }
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// The user message this user sent with `client_message_id`, and its stored reply.
+    pub async fn find_client_message(
+        &self,
+        user: &str,
+        client_message_id: &str,
+    ) -> Result<Option<ClientMessage>, StoreError> {
+        let result = with_pool!(self, |pool| {
+            async {
+                let Some(row) = sqlx::query(
+                    "SELECT message_id, thread_id, content FROM messages \
+                     WHERE user_id = $1 AND client_message_id = $2",
+                )
+                .bind(user)
+                .bind(client_message_id)
+                .fetch_optional(pool)
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let message_id: String = row.try_get("message_id")?;
+                let thread_id: String = row.try_get("thread_id")?;
+                let content: String = row.try_get("content")?;
+                let reply = sqlx::query(
+                    "SELECT message_id, run_id FROM messages \
+                     WHERE user_id = $1 AND reply_to = $2 ORDER BY seq LIMIT 1",
+                )
+                .bind(user)
+                .bind(&message_id)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| {
+                    Ok::<_, sqlx::Error>(StoredReply {
+                        message_id: row.try_get("message_id")?,
+                        run_id: row
+                            .try_get::<Option<String>, _>("run_id")?
+                            .unwrap_or_default(),
+                    })
+                })
+                .transpose()?;
+                Ok::<_, sqlx::Error>(Some(ClientMessage {
+                    thread_id,
+                    message_id,
+                    content,
+                    reply,
+                }))
+            }
+            .await
+        });
+        result.map_err(|e| self.error(e))
+    }
+
+    /// This user's threads, most recently updated first (at most [`LIST_THREADS_LIMIT`]).
+    pub async fn list_threads(&self, user: &str) -> Result<Vec<ThreadSummary>, StoreError> {
+        let result = with_pool!(self, |pool| {
+            sqlx::query(
+                "SELECT thread_id, title, updated_at FROM threads WHERE user_id = $1 \
+                 ORDER BY updated_at DESC, thread_id LIMIT $2",
+            )
+            .bind(user)
+            .bind(LIST_THREADS_LIMIT)
+            .fetch_all(pool)
+            .await
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|row| {
+                        Ok(ThreadSummary {
+                            thread_id: row.try_get("thread_id")?,
+                            title: row.try_get("title")?,
+                            updated_at: format_millis(row.try_get("updated_at")?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            })
+        });
+        result.map_err(|e| self.error(e))
+    }
+
+    /// All messages of one of this user's threads, oldest first. Another user's
+    /// thread, or a missing one, is [`StoreError::NotFound`].
+    pub async fn get_thread(
+        &self,
+        user: &str,
+        thread_id: &str,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.messages(user, thread_id, None).await
+    }
+
+    /// The last `limit` messages of one of this user's threads, oldest first (the
+    /// context an agent run sends to the LLM). Errors as [`get_thread`](Self::get_thread).
+    pub async fn recent_messages(
+        &self,
+        user: &str,
+        thread_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.messages(user, thread_id, Some(limit)).await
+    }
+
+    async fn messages(
+        &self,
+        user: &str,
+        thread_id: &str,
+        limit: Option<u32>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let limit = limit.map_or(i64::MAX, i64::from);
+        let result = with_pool!(self, |pool| {
+            async {
+                let exists =
+                    sqlx::query("SELECT 1 FROM threads WHERE thread_id = $1 AND user_id = $2")
+                        .bind(thread_id)
+                        .bind(user)
+                        .fetch_optional(pool)
+                        .await?
+                        .is_some();
+                if !exists {
+                    return Ok(None);
+                }
+                // Newest `limit` first, reversed below: the index on (thread_id, seq)
+                // serves both the full read and the tail.
+                let rows = sqlx::query(
+                    "SELECT message_id, role, content, created_at FROM messages \
+                     WHERE thread_id = $1 AND user_id = $2 ORDER BY seq DESC LIMIT $3",
+                )
+                .bind(thread_id)
+                .bind(user)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+                let rows = rows
+                    .iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<String, _>("message_id")?,
+                            row.try_get::<String, _>("role")?,
+                            row.try_get::<String, _>("content")?,
+                            row.try_get::<i64, _>("created_at")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                Ok::<_, sqlx::Error>(Some(rows))
+            }
+            .await
+        });
+        let Some(rows) = result.map_err(|e| self.error(e))? else {
+            return Err(StoreError::NotFound {
+                thread_id: thread_id.to_owned(),
+            });
+        };
+        let mut messages = Vec::with_capacity(rows.len());
+        for (message_id, role, content, created_at) in rows.into_iter().rev() {
+            messages.push(StoredMessage {
+                message_id,
+                role: Role::parse(&role)?,
+                content,
+                created_at: format_millis(created_at),
+            });
+        }
+        Ok(messages)
+    }
+
+    fn error(&self, e: sqlx::Error) -> StoreError {
+        let backend = match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        };
+        classify(&self.target, e, backend)
+    }
+}
+
+/// A message about to be appended.
+struct NewMessage<'a> {
+    role: Role,
+    content: &'a str,
+    client_message_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    run_id: Option<&'a str>,
+}
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Sorts a database error into "wait and retry" and "fix the configuration".
+fn classify(target: &str, e: sqlx::Error, backend: Backend) -> StoreError {
+    let (transient, message) = match &e {
+        // Connection refused, host unreachable, DNS not ready: the database (or the
+        // network to it) may simply not be up yet.
+        sqlx::Error::Io(io) => (
+            true,
+            format!("cannot connect ({io}); retrying until the database accepts connections"),
+        ),
+        sqlx::Error::PoolTimedOut => (
+            true,
+            "no database connection became free in time; the database is slow or overloaded"
+                .to_owned(),
+        ),
+        sqlx::Error::PoolClosed => (false, "the connection pool was closed".to_owned()),
+        sqlx::Error::Tls(tls) => (
+            false,
+            format!(
+                "the TLS handshake failed ({tls}); check sslmode and certificates in {DATABASE_URL_KEY}"
+            ),
+        ),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            match backend {
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes
+                // in the upper bits: another writer holds the lock.
+                Backend::Sqlite if code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)) => {
+                    (
+                        true,
+                        format!(
+                            "the database is locked by another writer ({})",
+                            db.message()
+                        ),
+                    )
+                }
+                Backend::Sqlite => (
+                    false,
+                    format!(
+                        "{} (SQLite code {code}); check the path and permissions in {DATABASE_URL_KEY}",
+                        db.message()
+                    ),
+                ),
+                Backend::Postgres => match code.as_str() {
+                    // cannot_connect_now (starting up), too_many_connections,
+                    // admin/crash shutdown, serialization and deadlock failures.
+                    "57P03" | "53300" | "57P01" | "57P02" | "40001" | "40P01" | "08006"
+                    | "08001" | "08004" => (
+                        true,
+                        format!("{} (SQLSTATE {code}); retrying", db.message()),
+                    ),
+                    "28P01" | "28000" => (
+                        false,
+                        format!(
+                            "{} (SQLSTATE {code}); check the user and password in {DATABASE_URL_KEY}",
+                            db.message()
+                        ),
+                    ),
+                    "3D000" => (
+                        false,
+                        format!(
+                            "{} (SQLSTATE {code}); create the database or fix its name in {DATABASE_URL_KEY}",
+                            db.message()
+                        ),
+                    ),
+                    _ => (false, format!("{} (SQLSTATE {code})", db.message())),
+                },
+            }
+        }
+        sqlx::Error::Configuration(c) => {
+            return StoreError::InvalidUrl {
+                reason: format!("{c}; fix {DATABASE_URL_KEY}"),
+            };
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::TypeNotFound { .. } => {
+            return StoreError::Corrupt {
+                message: e.to_string(),
+            };
+        }
+        other => (false, other.to_string()),
+    };
+    StoreError::Unavailable {
+        target: target.to_owned(),
+        message,
+        transient,
+    }
+}
+
+/// sqlx echoes parts of the URL in some parse errors; the URL may hold a password.
+fn redact_sqlx_message(message: &str, url: &str) -> String {
+    if url.is_empty() {
+        message.to_owned()
+    } else {
+        message.replace(url, "<CHATGATE_DATABASE_URL>")
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn clip_title(text: &str) -> String {
+    let first_line = text.trim().lines().next().unwrap_or("").trim();
+    let mut title: String = first_line.chars().take(MAX_TITLE_CHARS).collect();
+    if first_line.chars().nth(MAX_TITLE_CHARS).is_some() {
+        title.push('…');
+    }
+    if title.is_empty() {
+        title.push_str("New chat");
+    }
+    title
+}
+
+fn now_millis() -> i64 {
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn format_millis(millis: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
