@@ -54,7 +54,9 @@ if all_present; then
 fi
 missing=()
 for b in "${want[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
-log "building ${missing[*]} for Kubernetes v$K8S_VERSION into $BIN (first run only; takes minutes)"
+if [ ${#missing[@]} -gt 0 ]; then
+  log "building ${missing[*]} for Kubernetes v$K8S_VERSION into $BIN (first run only; takes minutes)"
+fi
 start=$(date +%s)
 
 staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go
