@@ -1021,11 +1021,18 @@ impl ConfigSet {
 
 /// The known key nearest to a misspelt one, for "did you mean".
 fn closest_key(unknown: &str) -> Option<&'static str> {
-    KEYS.iter()
-        .map(|k| (edit_distance(unknown, k.key), k.key))
+    closest(unknown, KEYS.iter().map(|k| k.key))
+}
+
+/// The candidate nearest to a misspelt word (at most three edits away), for "did you
+/// mean" hints on keys and on manifest field names alike.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
         .filter(|(d, _)| *d <= 3)
         .min()
-        .map(|(_, k)| k)
+        .map(|(_, c)| c)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -1226,6 +1233,12 @@ mod tests {
         let mut b = staging();
         b.set_literal("CHATGATE_CRITICAL_SERVICES", "configuration,thread_store");
         assert!(b.parity_with(&a, &ParityPolicy::default()).is_empty());
+    }
+
+    #[test]
+    fn closest_suggests_a_near_candidate_only() {
+        assert_eq!(closest("isuer", ["issuer", "audience"]), Some("issuer"));
+        assert_eq!(closest("replicaCount", ["issuer", "audience"]), None);
     }
 
     #[test]

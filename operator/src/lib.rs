@@ -3,4 +3,7 @@
 
 pub mod configuration;
 pub mod crd;
+pub mod dereference;
+pub mod validate_cmd;
 pub mod validation;
+pub mod watches;

@@ -1,0 +1,789 @@
+//! `chatgate-operator validate`: the operator's validation, offline, for a pipeline.
+//!
+//! Reads manifests as `kustomize build` or `helm template` print them (multi-document
+//! YAML, `-` for standard input), pairs every non-production ChatService with its
+//! production baseline from the same inputs, and runs [`validation::evaluate`] — the
+//! very function the operator runs before a rollout — on each. Secrets and
+//! ConfigMaps among the inputs (or in `--secrets DIR`) stand in for the cluster's.
+//!
+//! Exit codes: 0 clean (warnings allowed), 1 a problem that would block the rollout,
+//! 2 input that cannot be read or parsed (reported with file, line and column).
+
+use crate::crd::{ChatService, ParityMode};
+use crate::dereference::{self, Baseline, Dereferenced, Lookup, SecretKeys};
+use crate::validation;
+use chatgate_contract::Environment;
+use chatgate_contract::config::{self, KEYS, Problem, ProblemKind};
+use kube::{CustomResourceExt, ResourceExt};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Exit code: nothing blocks a rollout.
+pub const EXIT_CLEAN: i32 = 0;
+/// Exit code: at least one problem would block the rollout.
+pub const EXIT_PROBLEMS: i32 = 1;
+/// Exit code: an input could not be read or parsed.
+pub const EXIT_UNREADABLE: i32 = 2;
+
+/// Check ChatService manifests offline: configuration, references and parity.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ValidateArgs {
+    /// Manifest files (multi-document YAML or JSON, as `kustomize build` or `helm
+    /// template` print them); `-` reads standard input. Secrets and ConfigMaps among
+    /// them are used to check references; other kinds are ignored.
+    #[arg(value_name = "FILE", required_unless_present = "explain")]
+    pub files: Vec<String>,
+
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// Directory of Secrets to check references against: Secret manifests
+    /// (`*.yaml`, `*.yml`, `*.json`) and/or one sub-directory per Secret holding one
+    /// file per key (the layout `kubectl create secret generic NAME --from-file=DIR/NAME`
+    /// reads). Only key names are read, never values. May be repeated.
+    #[arg(long, value_name = "DIR")]
+    pub secrets: Vec<PathBuf>,
+
+    /// Namespace of manifests that name none (as `kubectl apply -n`).
+    #[arg(short = 'n', long, value_name = "NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Print what a configuration key means (type, default, secret, required, parity
+    /// rule) and exit; without KEY, list every key.
+    #[arg(long, value_name = "KEY", num_args = 0..=1, default_missing_value = "")]
+    pub explain: Option<String>,
+}
+
+/// How results are printed.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// A table for people: resource, key, rule, problem and fix.
+    #[default]
+    Table,
+    /// One JSON document for tools.
+    Json,
+}
+
+/// Runs the command and returns its exit code.
+pub fn run(args: &ValidateArgs) -> i32 {
+    if let Some(key) = &args.explain {
+        return explain(key);
+    }
+    let mut inputs = Inputs::default();
+    let mut stdin_read = false;
+    let result = (|| -> Result<(), InputError> {
+        for file in &args.files {
+            let (name, text) = if file == "-" {
+                let mut text = String::new();
+                if !stdin_read {
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .map_err(|e| InputError::io("<stdin>", e))?;
+                    stdin_read = true;
+                }
+                ("<stdin>".to_string(), text)
+            } else {
+                let text = std::fs::read_to_string(file).map_err(|e| InputError::io(file, e))?;
+                (file.clone(), text)
+            };
+            inputs.read_manifests(&name, &text, &args.namespace)?;
+        }
+        for dir in &args.secrets {
+            inputs.read_secrets_dir(dir, &args.namespace)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        return EXIT_UNREADABLE;
+    }
+    if inputs.chat_services.is_empty() {
+        eprintln!(
+            "error: no ChatService (apiVersion chatgate.dev/v1alpha1) among the inputs; pass the manifests `kustomize build` or `helm template` print"
+        );
+        return EXIT_UNREADABLE;
+    }
+    let report = inputs.report();
+    match args.output {
+        OutputFormat::Table => print!("{}", report.table()),
+        OutputFormat::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("error: cannot print JSON: {e}");
+                return EXIT_UNREADABLE;
+            }
+        },
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    if report
+        .problems
+        .iter()
+        .any(|p| p.severity == Severity::Error)
+    {
+        EXIT_PROBLEMS
+    } else {
+        EXIT_CLEAN
+    }
+}
+
+fn explain(key: &str) -> i32 {
+    if key.is_empty() {
+        let width = KEYS.iter().map(|k| k.key.len()).max().unwrap_or(0);
+        for k in KEYS {
+            println!(
+                "{:width$}  {:7}  {}",
+                k.key,
+                k.parity.as_str(),
+                k.description
+            );
+        }
+        return EXIT_CLEAN;
+    }
+    match config::explain(key) {
+        Some(text) => {
+            println!("{text}");
+            EXIT_CLEAN
+        }
+        None => {
+            let hint = config::closest(key, KEYS.iter().map(|k| k.key))
+                .map(|k| format!("did you mean {k}?"))
+                .unwrap_or_else(|| "run `--explain` without a key to list them".into());
+            eprintln!("error: `{key}` is not a chatgate configuration key; {hint}");
+            EXIT_UNREADABLE
+        }
+    }
+}
+
+/// An input that could not be read or parsed, with its position when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputError {
+    pub file: String,
+    /// 1-based line and column, when the parser knows them.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl InputError {
+    fn io(file: &str, e: std::io::Error) -> Self {
+        InputError {
+            file: file.to_string(),
+            position: None,
+            message: format!("cannot read: {e}"),
+        }
+    }
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Where a manifest came from, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    pub file: String,
+    /// First line of the document.
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+#[derive(Debug)]
+struct ParsedChatService {
+    resource: ChatService,
+    origin: Origin,
+    /// Manifest fields the ChatService types do not have (the API server drops them).
+    unknown_fields: Vec<String>,
+}
+
+/// Everything read from the inputs, by `(namespace, name)`.
+#[derive(Debug, Default)]
+struct Inputs {
+    chat_services: BTreeMap<(String, String), ParsedChatService>,
+    config_maps: BTreeMap<(String, String), BTreeMap<String, String>>,
+    secrets: BTreeMap<(String, String), SecretKeys>,
+    /// Secrets from `--secrets DIR` sub-directories: they match in every namespace.
+    secrets_any_namespace: BTreeMap<String, SecretKeys>,
+    /// Whether any Secret source was given; without one, references are not checked.
+    secrets_given: bool,
+}
+
+/// One YAML document of a stream, with the line it starts on.
+#[derive(Debug, PartialEq, Eq)]
+struct Document<'a> {
+    first_line: usize,
+    text: &'a str,
+}
+
+/// Splits a YAML stream at its `---` markers (which YAML only allows at column 0
+/// and which may not occur inside a document's content), remembering where each
+/// document starts so a parser's position can be made absolute.
+fn documents(text: &str) -> Vec<Document<'_>> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if is_marker && offset > start {
+            docs.push(Document {
+                first_line: start_line,
+                text: &text[start..offset],
+            });
+            start = offset;
+            start_line = index + 1;
+        }
+        offset += line.len();
+    }
+    if start < text.len() {
+        docs.push(Document {
+            first_line: start_line,
+            text: &text[start..],
+        });
+    }
+    docs
+}
+
+fn parse_error(file: &str, doc: &Document<'_>, e: &serde_norway::Error) -> InputError {
+    // serde_norway appends " at line L column C" to its message; the position is
+    // given separately here, relative to the whole file.
+    let mut message = e.to_string();
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    InputError {
+        file: file.to_string(),
+        position: e
+            .location()
+            .map(|l| (doc.first_line + l.line() - 1, l.column())),
+        message,
+    }
+}
+
+impl Inputs {
+    fn read_manifests(
+        &mut self,
+        file: &str,
+        text: &str,
+        default_namespace: &str,
+    ) -> Result<(), InputError> {
+        for doc in documents(text) {
+            let value: serde_norway::Value =
+                serde_norway::from_str(doc.text).map_err(|e| parse_error(file, &doc, &e))?;
+            let origin = Origin {
+                file: file.to_string(),
+                line: doc.first_line,
+            };
+            self.read_value(value, Some(&doc), &origin, default_namespace)?;
+        }
+        Ok(())
+    }
+
+    /// One parsed document (or an item of a `kind: List`).
+    fn read_value(
+        &mut self,
+        value: serde_norway::Value,
+        doc: Option<&Document<'_>>,
+        origin: &Origin,
+        default_namespace: &str,
+    ) -> Result<(), InputError> {
+        let text_of = |v: &serde_norway::Value, k: &str| {
+            v.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string()
+        };
+        let kind = text_of(&value, "kind");
+        let api_version = text_of(&value, "apiVersion");
+        let namespace = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(default_namespace)
+            .to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        let invalid = |message: String| InputError {
+            file: origin.file.clone(),
+            position: Some((origin.line, 1)),
+            message,
+        };
+        match (kind.as_str(), api_version.as_str()) {
+            ("List", _) => {
+                if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+                    for item in items.clone() {
+                        self.read_value(item, None, origin, default_namespace)?;
+                    }
+                }
+            }
+            ("ChatService", v) if v.starts_with("chatgate.dev/") => {
+                let mut unknown_fields = Vec::new();
+                let mut record = |path: serde_ignored::Path<'_>| {
+                    let path = path.to_string();
+                    if path != "apiVersion" && path != "kind" {
+                        unknown_fields.push(path);
+                    }
+                };
+                let mut resource: ChatService = match doc {
+                    Some(doc) => serde_ignored::deserialize(
+                        serde_norway::Deserializer::from_str(doc.text),
+                        &mut record,
+                    )
+                    .map_err(|e| parse_error(&origin.file, doc, &e))?,
+                    None => serde_ignored::deserialize(value, &mut record).map_err(|e| {
+                        invalid(format!(
+                            "ChatService `{name}` does not match the schema: {e}"
+                        ))
+                    })?,
+                };
+                if name.is_empty() {
+                    return Err(invalid("a ChatService has no metadata.name".into()));
+                }
+                resource.metadata.namespace = Some(namespace.clone());
+                let key = (namespace, name);
+                if let Some(first) = self.chat_services.get(&key) {
+                    return Err(invalid(format!(
+                        "ChatService {}/{} is defined twice (first at {})",
+                        key.0, key.1, first.origin
+                    )));
+                }
+                self.chat_services.insert(
+                    key,
+                    ParsedChatService {
+                        resource,
+                        origin: origin.clone(),
+                        unknown_fields,
+                    },
+                );
+            }
+            ("Secret", "v1") => {
+                self.secrets_given = true;
+                let mut keys = SecretKeys::default();
+                for field in ["data", "stringData"] {
+                    if let Some(map) = value.get(field).and_then(|d| d.as_mapping()) {
+                        for (k, v) in map {
+                            let empty = v.is_null() || v.as_str().is_some_and(str::is_empty);
+                            if let Some(k) = k.as_str() {
+                                keys.insert(k, empty);
+                            }
+                        }
+                    }
+                }
+                self.secrets.insert((namespace, name), keys);
+            }
+            ("ConfigMap", "v1") => {
+                let mut data = BTreeMap::new();
+                if let Some(map) = value.get("data").and_then(|d| d.as_mapping()) {
+                    for (k, v) in map {
+                        let text = match v {
+                            serde_norway::Value::String(s) => s.clone(),
+                            serde_norway::Value::Null => String::new(),
+                            other => serde_norway::to_string(other)
+                                .unwrap_or_default()
+                                .trim_end()
+                                .to_string(),
+                        };
+                        if let Some(k) = k.as_str() {
+                            data.insert(k.to_string(), text);
+                        }
+                    }
+                }
+                self.config_maps.insert((namespace, name), data);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn read_secrets_dir(&mut self, dir: &Path, default_namespace: &str) -> Result<(), InputError> {
+        let shown = dir.display().to_string();
+        self.secrets_given = true;
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| InputError::io(&shown, e))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if file_name.starts_with('.') {
+                continue; // `..data` links of mounted Secret volumes, editor files
+            }
+            let shown = path.display().to_string();
+            if path.is_dir() {
+                let mut keys = SecretKeys::default();
+                let mut files: Vec<_> = std::fs::read_dir(&path)
+                    .map_err(|e| InputError::io(&shown, e))?
+                    .filter_map(Result::ok)
+                    .collect();
+                files.sort_by_key(|e| e.file_name());
+                for entry in files {
+                    let key = entry.file_name().to_string_lossy().to_string();
+                    if key.starts_with('.') {
+                        continue;
+                    }
+                    // Only the size is looked at: a key's value is never read.
+                    let meta = std::fs::metadata(entry.path())
+                        .map_err(|e| InputError::io(&entry.path().display().to_string(), e))?;
+                    if meta.is_file() {
+                        keys.insert(&key, meta.len() == 0);
+                    }
+                }
+                self.secrets_any_namespace.insert(file_name, keys);
+            } else if ["yaml", "yml", "json"]
+                .iter()
+                .any(|ext| path.extension().is_some_and(|e| e == *ext))
+            {
+                let text = std::fs::read_to_string(&path).map_err(|e| InputError::io(&shown, e))?;
+                let mut secrets_only = Inputs::default();
+                secrets_only.read_manifests(&shown, &text, default_namespace)?;
+                self.secrets.extend(secrets_only.secrets);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the operator would read from the cluster, taken from the inputs.
+    fn dereference(&self, cs: &ChatService) -> Dereferenced {
+        let namespace = cs.namespace().unwrap_or_default();
+        let config_map = cs.spec.config_map_ref.as_ref().map(|r| {
+            match self.config_maps.get(&(namespace.clone(), r.name.clone())) {
+                Some(data) => Lookup::Found(data.clone()),
+                None => Lookup::NotFound,
+            }
+        });
+        let secrets = self.secrets_given.then(|| {
+            dereference::referenced_secrets(&cs.spec)
+                .into_iter()
+                .map(|name| {
+                    let found = self
+                        .secrets
+                        .get(&(namespace.clone(), name.clone()))
+                        .or_else(|| self.secrets_any_namespace.get(&name));
+                    let lookup = match found {
+                        Some(keys) => Lookup::Found(keys.clone()),
+                        None => Lookup::NotFound,
+                    };
+                    (name, lookup)
+                })
+                .collect()
+        });
+        let baseline = dereference::baseline_of(cs).map(|key| match self.chat_services.get(&key) {
+            Some(b) => Lookup::Found(Baseline {
+                config_map: b.resource.spec.config_map_ref.as_ref().and_then(|r| {
+                    self.config_maps
+                        .get(&(key.0.clone(), r.name.clone()))
+                        .cloned()
+                }),
+                resource: b.resource.clone(),
+            }),
+            None => Lookup::NotFound,
+        });
+        Dereferenced {
+            config_map,
+            secrets,
+            baseline,
+        }
+    }
+
+    fn report(&self) -> Report {
+        let mut report = Report::default();
+        for ((namespace, name), parsed) in &self.chat_services {
+            let cs = &parsed.resource;
+            let resource = format!("{namespace}/{name}");
+            let validation = validation::evaluate(cs, &self.dereference(cs));
+            let env = cs.spec.environment;
+            let mut rows: Vec<(Problem, Severity)> = parsed
+                .unknown_fields
+                .iter()
+                .map(|path| (unknown_field_problem(path, env), Severity::Error))
+                .collect();
+            rows.extend(
+                validation
+                    .config_problems
+                    .iter()
+                    .map(|p| (p.clone(), Severity::Error)),
+            );
+            if let Some(parity) = &validation.parity {
+                let severity = match parity.mode {
+                    ParityMode::Enforce => Severity::Error,
+                    ParityMode::Warn => Severity::Warning,
+                };
+                rows.extend(parity.problems.iter().map(|p| (p.clone(), severity)));
+            }
+            report.resources.push(ResourceSummary {
+                resource: resource.clone(),
+                origin: parsed.origin.clone(),
+                environment: env,
+                baseline: validation.parity.as_ref().map(|p| p.baseline.clone()),
+                blocks_rollout: validation.blocks_rollout() || !parsed.unknown_fields.is_empty(),
+                problems: rows.len(),
+            });
+            report
+                .problems
+                .extend(rows.into_iter().map(|(p, severity)| ProblemRow {
+                    resource: resource.clone(),
+                    file: parsed.origin.file.clone(),
+                    line: parsed.origin.line,
+                    key: p.key,
+                    environment: p.environment,
+                    rule: p.kind.rule().to_string(),
+                    kind: p.kind,
+                    severity,
+                    message: p.message,
+                    fix: p.fix,
+                }));
+        }
+        let references = self
+            .chat_services
+            .values()
+            .any(|p| !dereference::referenced_secrets(&p.resource.spec).is_empty());
+        if references && !self.secrets_given {
+            report.notes.push(
+                "Secret references were not checked: no Secret manifests among the inputs and no --secrets DIR".into(),
+            );
+        }
+        report
+    }
+}
+
+/// A manifest field the ChatService types would drop, as a problem.
+fn unknown_field_problem(path: &str, env: Environment) -> Problem {
+    let hint = suggest_field(path)
+        .map(|f| format!("did you mean `{f}`? Otherwise remove it"))
+        .unwrap_or_else(|| {
+            "remove it; `chatgate-operator crd` prints the fields a ChatService has".into()
+        });
+    Problem::new(
+        path,
+        env,
+        ProblemKind::Unknown,
+        "is not a field of ChatService (chatgate.dev/v1alpha1); the API server would drop it",
+        hint,
+    )
+}
+
+/// The sibling field nearest to a misspelt one, from the CRD's own schema.
+fn suggest_field(path: &str) -> Option<String> {
+    let crd = ChatService::crd();
+    let schema = crd
+        .spec
+        .versions
+        .first()?
+        .schema
+        .as_ref()?
+        .open_api_v3_schema
+        .as_ref()?;
+    let segments: Vec<&str> = path.split('.').collect();
+    let (last, parents) = segments.split_last()?;
+    let mut node = schema;
+    for segment in parents {
+        // serde_ignored writes sequence elements as `name[0]`... or `name.0`.
+        let field = segment.split('[').next().unwrap_or(segment);
+        if field.parse::<usize>().is_ok() {
+            node = node.items.as_ref().and_then(|i| match i {
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => Some(s.as_ref()),
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schemas(_) => None,
+            })?;
+            continue;
+        }
+        node = node.properties.as_ref()?.get(field)?;
+    }
+    let siblings = node.properties.as_ref()?;
+    let nearest = config::closest(last, siblings.keys().map(String::as_str))?;
+    let mut suggestion: Vec<&str> = parents.to_vec();
+    suggestion.push(nearest);
+    Some(suggestion.join("."))
+}
+
+/// Whether a problem fails the pipeline step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Blocks the rollout (exit 1).
+    Error,
+    /// A parity difference under `mode: Warn`: reported, rolled out anyway.
+    Warning,
+}
+
+/// The result of a run, as printed with `-o json`.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub resources: Vec<ResourceSummary>,
+    pub problems: Vec<ProblemRow>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSummary {
+    /// `namespace/name`.
+    pub resource: String,
+    #[serde(flatten)]
+    pub origin: Origin,
+    pub environment: Environment,
+    /// `namespace/name` of the production baseline, when parity is checked.
+    pub baseline: Option<String>,
+    pub blocks_rollout: bool,
+    pub problems: usize,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProblemRow {
+    pub resource: String,
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub environment: Environment,
+    pub rule: String,
+    pub kind: ProblemKind,
+    pub severity: Severity,
+    pub message: String,
+    pub fix: String,
+}
+
+impl Report {
+    /// The table people read: one row per problem, then a line per resource.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        if !self.problems.is_empty() {
+            let header = ["RESOURCE", "KEY", "ENV", "RULE", "PROBLEM"];
+            let rows: Vec<[String; 5]> = self
+                .problems
+                .iter()
+                .map(|p| {
+                    let rule = match p.severity {
+                        Severity::Error => p.rule.clone(),
+                        Severity::Warning => format!("{} (warn)", p.rule),
+                    };
+                    [
+                        p.resource.clone(),
+                        p.key.clone(),
+                        p.environment.to_string(),
+                        rule,
+                        format!("{}; {}", p.message, p.fix),
+                    ]
+                })
+                .collect();
+            let width = |i: usize| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            };
+            let widths = [width(0), width(1), width(2), width(3)];
+            let mut line = |cells: [&str; 5]| {
+                for (cell, w) in cells.iter().zip(widths) {
+                    out.push_str(&format!("{cell:w$}  "));
+                }
+                out.push_str(cells[4]);
+                out.push('\n');
+            };
+            line(header);
+            for r in &rows {
+                line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
+            }
+            out.push('\n');
+        }
+        for r in &self.resources {
+            let verdict = if r.blocks_rollout {
+                "would not be rolled out"
+            } else if r.problems > 0 {
+                "ok with warnings"
+            } else {
+                "ok"
+            };
+            let baseline = r
+                .baseline
+                .as_ref()
+                .map(|b| format!(", baseline {b}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{} ({}, {}{}): {}, {} problem{}\n",
+                r.resource,
+                r.origin,
+                r.environment,
+                baseline,
+                verdict,
+                r.problems,
+                if r.problems == 1 { "" } else { "s" }
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_split_at_markers_with_their_first_line() {
+        let text = "a: 1\n---\nb: 2\n--- # c\nc: 3\n";
+        let docs = documents(text);
+        assert_eq!(
+            docs,
+            vec![
+                Document {
+                    first_line: 1,
+                    text: "a: 1\n"
+                },
+                Document {
+                    first_line: 2,
+                    text: "---\nb: 2\n"
+                },
+                Document {
+                    first_line: 4,
+                    text: "--- # c\nc: 3\n"
+                },
+            ]
+        );
+        assert_eq!(documents("---\na: 1\n").len(), 1);
+        assert!(documents("").is_empty());
+    }
+
+    #[test]
+    fn a_parse_error_in_a_later_document_has_its_absolute_line() {
+        let text = "kind: ConfigMap\napiVersion: v1\n---\nkind: Secret\n  bad: [\n";
+        let mut inputs = Inputs::default();
+        let err = inputs
+            .read_manifests("m.yaml", text, "default")
+            .expect_err("malformed");
+        let (line, column) = err.position.expect("position");
+        assert_eq!(err.file, "m.yaml");
+        assert!((4..=6).contains(&line), "{err}");
+        assert!(column >= 1, "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_field_gets_the_schema_field_as_suggestion() {
+        assert_eq!(
+            suggest_field("spec.jwt.isuer").as_deref(),
+            Some("spec.jwt.issuer")
+        );
+        assert_eq!(suggest_field("spec.nothingLikeIt"), None);
+    }
+}
