@@ -1,0 +1,54 @@
+# The verbs people type. Two of them set up everything on a fresh machine:
+#   make run    the main job: a local control plane (or your cluster), the operator,
+#               a sample ChatService and the chat service with embedded defaults
+#   make test   every test, including the ones against a real kube-apiserver
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins cluster bench bench-operator e2e clean help
+
+all: build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+build: ## build every binary (release)
+	$(CARGO) build --release --workspace --bins
+
+k8s-bins: ## build the Kubernetes binaries into the cache (first run only)
+	hack/k8s-bins.sh >/dev/null
+
+run: k8s-bins ## local control plane (or current cluster) + operator + sample + chat service
+	hack/run.sh
+
+cluster: k8s-bins ## start a local control plane and print its KUBECONFIG (Ctrl-C stops it)
+	$(CARGO) run --quiet --release -p chatgate-tests --bin chatgate-cluster
+
+test: k8s-bins crds-check lint ## all tests: unit, service, real control plane, CLI
+	$(CARGO) test --workspace --no-fail-fast
+
+unit-test: ## tests that need no control plane (fast)
+	$(CARGO) test --workspace --lib --bins
+
+e2e: k8s-bins ## only the real-control-plane tests
+	$(CARGO) test -p chatgate-tests
+
+lint: ## formatting and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+crds: ## regenerate crds/ (and the chart's copy) from the Rust types
+	hack/gen-crds.sh
+
+crds-check: ## fail when crds/ is stale
+	hack/gen-crds.sh --check
+
+bench: ## service vs FastAPI peer, side by side; operator at 500 ChatServices
+	hack/bench.sh
+
+clean:
+	$(CARGO) clean
