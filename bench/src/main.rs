@@ -62,6 +62,13 @@ struct Args {
     /// Cold starts per server; the median is reported.
     #[arg(long, default_value_t = 5)]
     cold_starts: usize,
+    /// Rounds; each measures every server in turn, and the table shows the median
+    /// of the rounds, so load that comes and goes on the machine hits every server.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Servers to measure (columns), by name.
+    #[arg(long, value_delimiter = ',', default_value = "chatgate,peer,axum-bare")]
+    servers: Vec<String>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -99,6 +106,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let settings = Settings {
+        rounds: args.rounds.max(1),
         ping_seconds: args.ping_seconds,
         ping_connections: args.ping_connections.clone(),
         connects: args.connects,
@@ -108,24 +116,35 @@ async fn run(args: Args) -> Result<()> {
     };
     let machine = Machine::this_one();
     let mint = TokenMint::new(&args.jwt_secret);
-    let mut servers = Vec::new();
-    for (name, spec) in specs(&args) {
-        let report = match spec {
-            Some(spec) => measure(&spec, &settings, &mint).await,
-            None => {
-                let mut r = TargetReport::new(name);
-                r.errors.push("not run: no binary given".into());
-                r
+    let specs = specs(&args);
+    let mut rounds = Vec::with_capacity(settings.rounds);
+    for round in 1..=settings.rounds {
+        eprintln!("round {round}/{}", settings.rounds);
+        let mut reports = Vec::new();
+        for (name, spec) in &specs {
+            if !args.servers.iter().any(|s| s == name) {
+                continue;
             }
-        };
-        servers.push(report);
+            let report = match spec {
+                Some(spec) => measure(spec, &settings, &mint).await,
+                None => {
+                    let mut r = TargetReport::new(name);
+                    r.errors.push("not run: no binary given".into());
+                    r
+                }
+            };
+            reports.push(report);
+        }
+        rounds.push(reports);
     }
+    let servers = report::combine_rounds(&rounds);
     let rows = report::rows(&servers, &settings);
     let report = Report {
         machine,
         settings,
         servers,
         rows,
+        rounds,
     };
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(path) = &args.json_out {
@@ -172,10 +191,9 @@ fn specs(args: &Args) -> Vec<(&'static str, Option<TargetSpec>)> {
         program: uvicorn.clone(),
         args: [
             "--app-dir",
-            &args
-                .peer_app_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("."))
+            // The server runs in a directory of its own: pass an absolute path.
+            &std::path::absolute(args.peer_app_dir.as_deref().unwrap_or(".".as_ref()))
+                .unwrap_or_default()
                 .display()
                 .to_string(),
             "fastapi_ws:app",
@@ -238,19 +256,26 @@ async fn measure(spec: &TargetSpec, settings: &Settings, mint: &TokenMint) -> Ta
                 "[{name}] connects: {} at concurrency {}",
                 settings.connects, settings.connect_concurrency
             );
-            match phases::connect_churn(
-                endpoint,
-                server.pid(),
-                mint,
-                settings.connects,
-                settings.connect_concurrency,
-            )
-            .await
-            {
-                Ok(stats) => report.connects = Some(stats),
-                Err(e) => report.errors.push(format!("connects: {e:#}")),
+            let churn = if settings.connects == 0 {
+                None
+            } else {
+                Some(
+                    phases::connect_churn(
+                        endpoint,
+                        server.pid(),
+                        mint,
+                        settings.connects,
+                        settings.connect_concurrency,
+                    )
+                    .await,
+                )
+            };
+            match churn {
+                Some(Ok(stats)) => report.connects = Some(stats),
+                Some(Err(e)) => report.errors.push(format!("connects: {e:#}")),
+                None => {}
             }
-            for &connections in &settings.ping_connections {
+            for &connections in settings.ping_connections.iter().filter(|&&n| n > 0) {
                 eprintln!(
                     "[{name}] ping/pong: {connections} connections for {}s",
                     settings.ping_seconds

@@ -42,6 +42,97 @@ impl TargetReport {
     }
 }
 
+/// One server's figures over several rounds: each figure is the median of the
+/// rounds' figures (cold starts: the median of every start), errors keep their round.
+pub fn combine_rounds(rounds: &[Vec<TargetReport>]) -> Vec<TargetReport> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|server| {
+            let runs: Vec<&TargetReport> = rounds
+                .iter()
+                .filter_map(|round| round.iter().find(|t| t.name == server.name))
+                .collect();
+            let mut combined = TargetReport::new(&server.name);
+            for (i, run) in runs.iter().enumerate() {
+                let round = i + 1;
+                combined
+                    .errors
+                    .extend(run.errors.iter().map(|e| format!("round {round}: {e}")));
+                combined.cold_start_ms.extend(&run.cold_start_ms);
+            }
+            combined.cold_start_median_ms = median(&combined.cold_start_ms);
+            let connects: Vec<&ConnectStats> =
+                runs.iter().filter_map(|r| r.connects.as_ref()).collect();
+            combined.connects = median_connects(&connects);
+            let mut levels: Vec<usize> = runs
+                .iter()
+                .flat_map(|r| r.ping.iter().map(|p| p.connections))
+                .collect();
+            levels.sort_unstable();
+            levels.dedup();
+            combined.ping = levels
+                .into_iter()
+                .filter_map(|n| {
+                    let at_n: Vec<&PingStats> = runs.iter().filter_map(|r| r.ping_at(n)).collect();
+                    median_ping(&at_n)
+                })
+                .collect();
+            let idle: Vec<&IdleStats> = runs.iter().filter_map(|r| r.idle.as_ref()).collect();
+            combined.idle = median_idle(&idle);
+            combined
+        })
+        .collect()
+}
+
+fn med<T>(runs: &[&T], field: impl Fn(&T) -> f64) -> f64 {
+    let values: Vec<f64> = runs.iter().map(|r| field(r)).collect();
+    median(&values).unwrap_or(f64::NAN)
+}
+
+fn median_connects(runs: &[&ConnectStats]) -> Option<ConnectStats> {
+    let first = runs.first()?;
+    Some(ConnectStats {
+        connects: first.connects,
+        concurrency: first.concurrency,
+        wall_seconds: med(runs, |r| r.wall_seconds),
+        connects_per_second: med(runs, |r| r.connects_per_second),
+        latency_p50_ms: med(runs, |r| r.latency_p50_ms),
+        latency_p99_ms: med(runs, |r| r.latency_p99_ms),
+        server_cpu_seconds: med(runs, |r| r.server_cpu_seconds),
+        server_cpu_per_connection_us: med(runs, |r| r.server_cpu_per_connection_us),
+        generator_cpu_per_connection_us: med(runs, |r| r.generator_cpu_per_connection_us),
+    })
+}
+
+fn median_ping(runs: &[&PingStats]) -> Option<PingStats> {
+    let first = runs.first()?;
+    Some(PingStats {
+        connections: first.connections,
+        round_trips: med(runs, |r| r.round_trips as f64) as usize,
+        wall_seconds: med(runs, |r| r.wall_seconds),
+        round_trips_per_second: med(runs, |r| r.round_trips_per_second),
+        latency_p50_ms: med(runs, |r| r.latency_p50_ms),
+        latency_p99_ms: med(runs, |r| r.latency_p99_ms),
+        server_cpu_seconds: med(runs, |r| r.server_cpu_seconds),
+        server_cpu_per_round_trip_us: med(runs, |r| r.server_cpu_per_round_trip_us),
+        generator_cpu_per_round_trip_us: med(runs, |r| r.generator_cpu_per_round_trip_us),
+    })
+}
+
+fn median_idle(runs: &[&IdleStats]) -> Option<IdleStats> {
+    let first = runs.first()?;
+    Some(IdleStats {
+        connections: first.connections,
+        rss_before_kib: med(runs, |r| r.rss_before_kib as f64) as u64,
+        rss_after_kib: med(runs, |r| r.rss_after_kib as f64) as u64,
+        rss_per_connection_kib: med(runs, |r| r.rss_per_connection_kib),
+        server_threads: med(runs, |r| r.server_threads as f64) as u64,
+    })
+}
+
 /// What a metric must reach for the service.
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
@@ -86,8 +177,11 @@ pub struct Row {
 pub struct Report {
     pub machine: Machine,
     pub settings: Settings,
+    /// Medians over the rounds; these fill the table.
     pub servers: Vec<TargetReport>,
     pub rows: Vec<Row>,
+    /// Every round's own figures.
+    pub rounds: Vec<Vec<TargetReport>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +216,7 @@ impl Machine {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    pub rounds: usize,
     pub ping_seconds: f64,
     pub ping_connections: Vec<usize>,
     pub connects: usize,
@@ -343,6 +438,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            rounds: 1,
             ping_seconds: 1.0,
             ping_connections: vec![100],
             connects: 10,
@@ -385,6 +481,21 @@ mod tests {
             rows.iter()
                 .all(|r| r.verdict.is_empty() || r.verdict == "pending")
         );
+    }
+
+    #[test]
+    fn rounds_combine_into_medians_per_server() {
+        let rounds = vec![
+            vec![with_cold_start(SERVICE, 10.0), with_cold_start(PEER, 300.0)],
+            vec![with_cold_start(SERVICE, 30.0), with_cold_start(PEER, 500.0)],
+        ];
+        let mut rounds = rounds;
+        rounds[0][0].cold_start_ms = vec![10.0, 11.0];
+        rounds[1][0].cold_start_ms = vec![30.0];
+        rounds[1][1].errors.push("boom".into());
+        let combined = combine_rounds(&rounds);
+        assert_eq!(combined[0].cold_start_median_ms, Some(11.0));
+        assert_eq!(combined[1].errors, vec!["round 2: boom".to_owned()]);
     }
 
     #[test]

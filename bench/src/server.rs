@@ -27,7 +27,8 @@ pub struct TargetSpec {
     pub program: PathBuf,
     /// Arguments; `{addr}` and `{port}` are replaced with the chosen listen address.
     pub args: Vec<String>,
-    /// Environment; values are substituted like `args`.
+    /// Environment; values are substituted like `args`. Inherited `CHATGATE_*`
+    /// variables are removed first, so only these configure the server.
     pub env: Vec<(String, String)>,
     /// The server sends a `{"type":"connected"}` frame after the upgrade; a
     /// connection counts only once it arrived.
@@ -66,6 +67,11 @@ impl Server {
         // resolve against that; resolve it here.
         let program = std::path::absolute(&spec.program)?;
         let mut command = Command::new(&program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CHATGATE_") {
+                command.env_remove(key);
+            }
+        }
         command
             .args(spec.args.iter().map(|a| fill(a)))
             .envs(spec.env.iter().map(|(k, v)| (k, fill(v))))
