@@ -204,15 +204,17 @@ mod tests {
 
     #[test]
     fn secret_keys_keep_names_and_flag_empty_values() {
-        let mut s = Secret::default();
-        s.data = Some(
-            [
-                ("api-key".to_string(), ByteString(b"sk-1".to_vec())),
-                ("blank".to_string(), ByteString(Vec::new())),
-            ]
-            .into(),
-        );
-        s.string_data = Some([("extra".to_string(), "x".to_string())].into());
+        let s = Secret {
+            data: Some(
+                [
+                    ("api-key".to_string(), ByteString(b"sk-1".to_vec())),
+                    ("blank".to_string(), ByteString(Vec::new())),
+                ]
+                .into(),
+            ),
+            string_data: Some([("extra".to_string(), "x".to_string())].into()),
+            ..Default::default()
+        };
         let k = SecretKeys::of_secret(&s);
         assert_eq!(
             k.keys,

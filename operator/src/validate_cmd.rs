@@ -44,7 +44,9 @@ pub struct ValidateArgs {
     /// Directory of Secrets to check references against: Secret manifests
     /// (`*.yaml`, `*.yml`, `*.json`) and/or one sub-directory per Secret holding one
     /// file per key (the layout `kubectl create secret generic NAME --from-file=DIR/NAME`
-    /// reads). Only key names are read, never values. May be repeated.
+    /// reads; such Secrets match in every namespace). Only key names are read, never
+    /// values. May be repeated. A ChatService's Secret references are checked when
+    /// its namespace has a Secret among the inputs or a Secret directory is given.
     #[arg(long, value_name = "DIR")]
     pub secrets: Vec<PathBuf>,
 
@@ -218,8 +220,6 @@ struct Inputs {
     secrets: BTreeMap<(String, String), SecretKeys>,
     /// Secrets from `--secrets DIR` sub-directories: they match in every namespace.
     secrets_any_namespace: BTreeMap<String, SecretKeys>,
-    /// Whether any Secret source was given; without one, references are not checked.
-    secrets_given: bool,
 }
 
 /// One YAML document of a stream, with the line it starts on.
@@ -374,7 +374,6 @@ impl Inputs {
                 );
             }
             ("Secret", "v1") => {
-                self.secrets_given = true;
                 let mut keys = SecretKeys::default();
                 for field in ["data", "stringData"] {
                     if let Some(map) = value.get(field).and_then(|d| d.as_mapping()) {
@@ -414,7 +413,6 @@ impl Inputs {
 
     fn read_secrets_dir(&mut self, dir: &Path, default_namespace: &str) -> Result<(), InputError> {
         let shown = dir.display().to_string();
-        self.secrets_given = true;
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| InputError::io(&shown, e))?
             .filter_map(Result::ok)
@@ -463,6 +461,13 @@ impl Inputs {
         Ok(())
     }
 
+    /// Secret references are checked in a namespace when any of its Secrets is among
+    /// the inputs (a pipeline that renders one environment's Secrets says nothing
+    /// about another's), or when a `--secrets DIR` holds Secret directories.
+    fn secrets_checked_in(&self, namespace: &str) -> bool {
+        !self.secrets_any_namespace.is_empty() || self.secrets.keys().any(|(ns, _)| ns == namespace)
+    }
+
     /// What the operator would read from the cluster, taken from the inputs.
     fn dereference(&self, cs: &ChatService) -> Dereferenced {
         let namespace = cs.namespace().unwrap_or_default();
@@ -472,7 +477,7 @@ impl Inputs {
                 None => Lookup::NotFound,
             }
         });
-        let secrets = self.secrets_given.then(|| {
+        let secrets = self.secrets_checked_in(&namespace).then(|| {
             dereference::referenced_secrets(&cs.spec)
                 .into_iter()
                 .map(|name| {
@@ -554,14 +559,14 @@ impl Inputs {
                     fix: p.fix,
                 }));
         }
-        let references = self
-            .chat_services
-            .values()
-            .any(|p| !dereference::referenced_secrets(&p.resource.spec).is_empty());
-        if references && !self.secrets_given {
-            report.notes.push(
-                "Secret references were not checked: no Secret manifests among the inputs and no --secrets DIR".into(),
-            );
+        for ((namespace, name), parsed) in &self.chat_services {
+            if !self.secrets_checked_in(namespace)
+                && !dereference::referenced_secrets(&parsed.resource.spec).is_empty()
+            {
+                report.notes.push(format!(
+                    "Secret references of {namespace}/{name} were not checked: no Secret of namespace `{namespace}` among the inputs (add its Secret manifests or --secrets DIR)"
+                ));
+            }
         }
         report
     }
