@@ -9,6 +9,7 @@
 //! ```text
 //! ThreadStore::connect(url: &str) -> Result<ThreadStore, StoreError>            // async
 //! ThreadStore::ping(&self) -> Result<(), StoreError>                            // async
+//! ThreadStore::close(&self)                                                     // async
 //! ThreadStore::backend(&self) -> &'static str                                   // "sqlite" | "postgres"
 //! ThreadStore::create_thread(&self, user: &str, title: &str) -> Result<ThreadSummary, StoreError>
 //! ThreadStore::append_message(&self, user: &str, thread_id: &str, role: Role, content: &str,
@@ -35,18 +36,21 @@
 //! directory must exist), `postgres://USER:PASSWORD@HOST:PORT/DB`. The embedded
 //! migrations run at `connect`.
 //!
-//! Timestamps on the wire are RFC 3339 strings in UTC with millisecond precision.
+//! Timestamps are stored as microseconds since the Unix epoch (fine enough that
+//! "most recently updated" is well defined) and appear on the wire as RFC 3339
+//! strings in UTC.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, migrate::Migrator};
+use sqlx::{Connection, Row, migrate::Migrator};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -60,6 +64,10 @@ pub const LIST_THREADS_LIMIT: i64 = 500;
 
 /// Longest title `create_thread` keeps, in characters; longer titles are cut.
 pub const MAX_TITLE_CHARS: usize = 80;
+
+/// How long connecting (and waiting for a pooled connection) may take before the
+/// attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -220,7 +228,7 @@ macro_rules! append_in {
     ($tx:expr, $user:expr, $thread_id:expr, $message:expr) => {
         async {
             let message: &NewMessage<'_> = $message;
-            let now = now_millis();
+            let now = now_micros();
             let Some(row) = sqlx::query(
                 "UPDATE threads SET message_count = message_count + 1, updated_at = $1 \
                  WHERE thread_id = $2 AND user_id = $3 RETURNING message_count",
@@ -255,7 +263,7 @@ macro_rules! append_in {
                 message_id,
                 role: message.role,
                 content: message.content.to_owned(),
-                created_at: format_millis(now),
+                created_at: format_micros(now),
             }))
         }
         .await
@@ -364,7 +372,7 @@ impl ThreadStore {
             SqlitePoolOptions::new().max_connections(4)
         };
         let pool = pool_options
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(CONNECT_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|e| classify(&target, e, Backend::Sqlite))?;
@@ -390,9 +398,24 @@ impl ThreadStore {
             options.get_database().unwrap_or("")
         )
         .into();
+        // One direct connection first: the pool would retry a refused connection
+        // until its acquire timeout and then report only "timed out", hiding the
+        // cause that startup should show.
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| StoreError::Unavailable {
+                target: target.to_string(),
+                message: format!(
+                    "no answer within {}s; retrying until the database accepts connections",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+                transient: true,
+            })?
+            .map_err(|e| classify(&target, e, Backend::Postgres))?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(10)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(CONNECT_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(|e| classify(&target, e, Backend::Postgres))?;
@@ -423,6 +446,12 @@ impl ThreadStore {
         }
     }
 
+    /// Closes every connection; later calls fail. For an orderly shutdown (SQLite
+    /// checkpoints its WAL when the last connection closes).
+    pub async fn close(&self) {
+        with_pool!(self, |pool| pool.close().await)
+    }
+
     /// Checks that the database answers a trivial query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let result = with_pool!(self, |pool| sqlx::query("SELECT 1")
@@ -441,7 +470,7 @@ impl ThreadStore {
     ) -> Result<ThreadSummary, StoreError> {
         let thread_id = new_id();
         let title = clip_title(title);
-        let now = now_millis();
+        let now = now_micros();
         let result = with_pool!(self, |pool| {
             sqlx::query(
                 "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
@@ -459,7 +488,7 @@ impl ThreadStore {
         Ok(ThreadSummary {
             thread_id,
             title,
-            updated_at: format_millis(now),
+            updated_at: format_micros(now),
         })
     }
 
@@ -530,7 +559,7 @@ impl ThreadStore {
                     .bind(&thread_id)
                     .bind(user)
                     .bind(&title)
-                    .bind(now_millis())
+                    .bind(now_micros())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -680,7 +709,7 @@ impl ThreadStore {
                         Ok(ThreadSummary {
                             thread_id: row.try_get("thread_id")?,
                             title: row.try_get("title")?,
-                            updated_at: format_millis(row.try_get("updated_at")?),
+                            updated_at: format_micros(row.try_get("updated_at")?),
                         })
                     })
                     .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -766,7 +795,7 @@ impl ThreadStore {
                 message_id,
                 role: Role::parse(&role)?,
                 content,
-                created_at: format_millis(created_at),
+                created_at: format_micros(created_at),
             });
         }
         Ok(messages)
@@ -911,13 +940,13 @@ fn clip_title(text: &str) -> String {
     title
 }
 
-fn now_millis() -> i64 {
+fn now_micros() -> i64 {
     let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
-    i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX)
+    i64::try_from(nanos / 1_000).unwrap_or(i64::MAX)
 }
 
-fn format_millis(millis: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+fn format_micros(micros: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_default()

@@ -1,0 +1,389 @@
+//! The thread store against real SQLite databases (files in temporary directories
+//! and in memory): isolation between users, persistence, ordering, idempotent
+//! client message ids, and which connection failures are worth waiting for.
+
+use chatgate_service::store::{Role, StoreError, ThreadStore};
+
+async fn file_store(dir: &tempfile::TempDir) -> ThreadStore {
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    ThreadStore::connect(&url)
+        .await
+        .expect("open a SQLite file")
+}
+
+async fn memory_store() -> ThreadStore {
+    ThreadStore::connect("sqlite::memory:")
+        .await
+        .expect("open an in-memory SQLite")
+}
+
+fn assert_not_found<T: std::fmt::Debug>(result: Result<T, StoreError>, thread_id: &str) {
+    match result {
+        Err(StoreError::NotFound { thread_id: id }) => assert_eq!(id, thread_id),
+        other => panic!("expected NotFound for {thread_id}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn another_users_thread_is_indistinguishable_from_a_missing_one() {
+    let store = memory_store().await;
+    let thread = store.create_thread("alice", "secret plans").await.unwrap();
+    store
+        .append_message("alice", &thread.thread_id, Role::User, "hi", None)
+        .await
+        .unwrap();
+
+    assert_not_found(
+        store.get_thread("bob", &thread.thread_id).await,
+        &thread.thread_id,
+    );
+    assert_not_found(
+        store.get_thread("bob", "no-such-thread").await,
+        "no-such-thread",
+    );
+    assert_not_found(
+        store
+            .append_message("bob", &thread.thread_id, Role::User, "mine now", None)
+            .await,
+        &thread.thread_id,
+    );
+    assert_not_found(
+        store
+            .post_user_message("bob", Some(&thread.thread_id), "mine now", None)
+            .await,
+        &thread.thread_id,
+    );
+    assert_not_found(
+        store
+            .append_reply("bob", &thread.thread_id, "reply", "m", "r")
+            .await,
+        &thread.thread_id,
+    );
+    assert!(store.list_threads("bob").await.unwrap().is_empty());
+
+    // Nothing bob tried reached alice's thread.
+    let messages = store.get_thread("alice", &thread.thread_id).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].content, "hi");
+    let listed = store.list_threads("alice").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].thread_id, thread.thread_id);
+    assert_eq!(listed[0].title, "secret plans");
+}
+
+#[tokio::test]
+async fn file_database_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let posted = {
+        let store = file_store(&dir).await;
+        assert_eq!(store.backend(), "sqlite");
+        let posted = store
+            .post_user_message("alice", None, "remember me", Some("c-1"))
+            .await
+            .unwrap();
+        store
+            .append_reply(
+                "alice",
+                &posted.thread_id,
+                "I will",
+                &posted.message.message_id,
+                "run-1",
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        posted
+    };
+    let store = file_store(&dir).await;
+    let messages = store.get_thread("alice", &posted.thread_id).await.unwrap();
+    let contents: Vec<_> = messages
+        .iter()
+        .map(|m| (m.role, m.content.as_str()))
+        .collect();
+    assert_eq!(
+        contents,
+        vec![(Role::User, "remember me"), (Role::Assistant, "I will")]
+    );
+    let threads = store.list_threads("alice").await.unwrap();
+    assert_eq!(threads.len(), 1);
+    assert_eq!(threads[0].title, "remember me");
+    // The idempotency record survives too.
+    let found = store
+        .find_client_message("alice", "c-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.message_id, posted.message.message_id);
+    assert_eq!(found.reply.unwrap().run_id, "run-1");
+}
+
+#[tokio::test]
+async fn in_memory_databases_are_private_to_each_connect() {
+    let a = memory_store().await;
+    let b = memory_store().await;
+    a.create_thread("alice", "t").await.unwrap();
+    assert_eq!(a.list_threads("alice").await.unwrap().len(), 1);
+    assert!(b.list_threads("alice").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn messages_come_back_in_the_order_they_were_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let thread = store.create_thread("alice", "t").await.unwrap();
+    for i in 0..20 {
+        let role = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        store
+            .append_message("alice", &thread.thread_id, role, &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+    let contents: Vec<String> = store
+        .get_thread("alice", &thread.thread_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(contents, expected);
+
+    let tail: Vec<String> = store
+        .recent_messages("alice", &thread.thread_id, 3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(tail, vec!["m17", "m18", "m19"]);
+}
+
+#[tokio::test]
+async fn concurrent_appends_to_one_thread_all_land_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    let thread = store.create_thread("alice", "t").await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let thread_id = thread.thread_id.clone();
+            tokio::spawn(async move {
+                store
+                    .append_message("alice", &thread_id, Role::User, &format!("m{i}"), None)
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let mut contents: Vec<String> = store
+        .get_thread("alice", &thread.thread_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    contents.sort();
+    let mut expected: Vec<String> = (0..16).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(contents, expected);
+}
+
+#[tokio::test]
+async fn threads_are_listed_most_recently_updated_first() {
+    let store = memory_store().await;
+    let first = store.create_thread("alice", "first").await.unwrap();
+    let second = store.create_thread("alice", "second").await.unwrap();
+    let ids = |list: Vec<chatgate_service::store::ThreadSummary>| {
+        list.into_iter().map(|t| t.title).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.list_threads("alice").await.unwrap()),
+        vec!["second", "first"]
+    );
+    store
+        .append_message("alice", &first.thread_id, Role::User, "bump", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.list_threads("alice").await.unwrap()),
+        vec!["first", "second"]
+    );
+    let listed = store.list_threads("alice").await.unwrap();
+    assert!(
+        time::OffsetDateTime::parse(
+            &listed[0].updated_at,
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok(),
+        "updated_at is RFC 3339: {}",
+        listed[0].updated_at
+    );
+    let _ = second;
+}
+
+#[tokio::test]
+async fn a_new_thread_is_titled_after_its_first_line() {
+    let store = memory_store().await;
+    let long = format!("{}\nsecond line", "x".repeat(200));
+    let posted = store
+        .post_user_message("alice", None, &long, None)
+        .await
+        .unwrap();
+    assert!(posted.created_thread);
+    let title = &store.list_threads("alice").await.unwrap()[0].title;
+    assert!(
+        title.starts_with("xxxx") && title.chars().count() <= 81,
+        "{title}"
+    );
+    assert!(!title.contains("second line"));
+}
+
+#[tokio::test]
+async fn a_client_message_id_is_stored_once_per_user() {
+    let store = memory_store().await;
+    let first = store
+        .post_user_message("alice", None, "do it once", Some("c-42"))
+        .await
+        .unwrap();
+
+    // The retry, even into a new thread, stores nothing and points at the original.
+    match store
+        .post_user_message("alice", None, "do it once", Some("c-42"))
+        .await
+    {
+        Err(StoreError::Duplicate {
+            client_message_id,
+            existing,
+        }) => {
+            assert_eq!(client_message_id, "c-42");
+            assert_eq!(existing.thread_id, first.thread_id);
+            assert_eq!(existing.message_id, first.message.message_id);
+            assert!(existing.reply.is_none());
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    match store
+        .append_message("alice", &first.thread_id, Role::User, "again", Some("c-42"))
+        .await
+    {
+        Err(StoreError::Duplicate { .. }) => {}
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(
+        store.list_threads("alice").await.unwrap().len(),
+        1,
+        "no empty thread left behind"
+    );
+    assert_eq!(
+        store
+            .get_thread("alice", &first.thread_id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Client ids are per user: bob may use the same one.
+    store
+        .post_user_message("bob", None, "mine", Some("c-42"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .find_client_message("bob", "nope")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Once answered, the lookup finds the reply and the run that wrote it.
+    let reply = store
+        .append_reply(
+            "alice",
+            &first.thread_id,
+            "done",
+            &first.message.message_id,
+            "run-9",
+        )
+        .await
+        .unwrap();
+    let found = store
+        .find_client_message("alice", "c-42")
+        .await
+        .unwrap()
+        .unwrap();
+    let stored_reply = found.reply.expect("the reply is linked");
+    assert_eq!(stored_reply.message_id, reply.message_id);
+    assert_eq!(stored_reply.run_id, "run-9");
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_transient() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let error = ThreadStore::connect(&format!("postgres://chat:pw@127.0.0.1:{port}/x"))
+        .await
+        .expect_err("nothing listens on the port");
+    assert!(error.is_transient(), "{error:?}");
+    let text = error.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("pw"), "the password never appears: {text}");
+}
+
+#[tokio::test]
+async fn unsupported_or_malformed_urls_are_permanent_and_name_the_key() {
+    for url in [
+        "mysql://user:pw@localhost/db",
+        "garbage",
+        "",
+        "redis://localhost",
+        "postgres://user:pw@host:notaport/db",
+    ] {
+        let error = ThreadStore::connect(url)
+            .await
+            .expect_err("not a usable database URL");
+        assert!(!error.is_transient(), "{url}: {error:?}");
+        let text = error.to_string();
+        assert!(text.contains("CHATGATE_DATABASE_URL"), "{url}: {text}");
+        assert!(
+            !text.contains("pw"),
+            "{url}: the password never appears: {text}"
+        );
+    }
+    let text = ThreadStore::connect("mysql://x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("sqlite://") && text.contains("postgres://"),
+        "says what to use: {text}"
+    );
+}
+
+#[tokio::test]
+async fn missing_sqlite_directory_is_permanent_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-there");
+    let url = format!("sqlite://{}", missing.join("chat.db").display());
+    let error = ThreadStore::connect(&url).await.unwrap_err();
+    assert!(!error.is_transient());
+    let text = error.to_string();
+    assert!(
+        text.contains("not-there") && text.contains("CHATGATE_DATABASE_URL"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn ping_answers_on_a_working_store() {
+    let dir = tempfile::tempdir().unwrap();
+    file_store(&dir).await.ping().await.unwrap();
+    memory_store().await.ping().await.unwrap();
+}
