@@ -5,3 +5,14 @@
 pub mod agent;
 pub mod llm;
 pub mod store;
+
+pub mod auth;
+pub mod bridge;
+pub mod chat;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod startup;
+pub mod ws;

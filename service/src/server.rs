@@ -1,0 +1,369 @@
+//! The HTTP side: the routes, the shared application state, and the process
+//! lifecycle (bind first, start up, serve, drain on SIGTERM/SIGINT, exit).
+//!
+//! The listener is bound before any startup phase runs, so `/health/live` and
+//! `/health/startup` answer from the first milliseconds and a slow dependency is
+//! visible instead of a connection refused.
+
+use crate::config;
+use crate::logging::{self, LogFormat};
+use crate::metrics::Metrics;
+use crate::startup::{self, CriticalServices, Progress};
+use crate::ws;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use chatgate_contract::{
+    ConfigSet, CriticalService, HealthReport, HealthState, ServiceState, paths,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+/// How long open sockets get, after their 1012 close, before the process exits
+/// anyway (the drain delay comes before this).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a readiness check may wait on the thread store.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Seconds a refused `/ws` client is told to wait (`Retry-After`).
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// State shared by every route.
+pub struct App {
+    pub progress: Progress,
+    pub metrics: Metrics,
+    services: OnceLock<Arc<CriticalServices>>,
+    draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(started: Instant) -> App {
+        App {
+            progress: Progress::new(started),
+            metrics: Metrics::new(),
+            services: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The critical services, once startup completed and while not draining.
+    pub fn serving(&self) -> Option<&Arc<CriticalServices>> {
+        if self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        self.services.get()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(paths::HEALTH_LIVE, get(live))
+        .route(paths::HEALTH_STARTUP, get(startup_health))
+        .route(paths::HEALTH_READY, get(ready))
+        .route(paths::METRICS, get(metrics))
+        .route(paths::WS, get(ws_route))
+        .with_state(app)
+}
+
+async fn live() -> &'static str {
+    "ok"
+}
+
+fn health(status: StatusCode, report: HealthReport) -> Response {
+    let mut response = (status, axum::Json(report)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn startup_health(State(app): State<Arc<App>>) -> Response {
+    let report = app.progress.report();
+    // Startup stays complete while draining: a startup probe that failed now would
+    // only make Kubernetes restart a pod that is shutting down on purpose.
+    let status = if app.services.get().is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    health(status, report)
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let Some(services) = app.serving() else {
+        return health(StatusCode::SERVICE_UNAVAILABLE, app.progress.report());
+    };
+    let store_ok = matches!(
+        tokio::time::timeout(READY_CHECK_TIMEOUT, services.store.ping()).await,
+        Ok(Ok(()))
+    );
+    app.progress.set_service_state(
+        CriticalService::ThreadStore,
+        if store_ok {
+            ServiceState::Ready
+        } else {
+            ServiceState::Degraded
+        },
+    );
+    let status = if store_ok && !app.is_draining() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    health(status, app.progress.report())
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn ws_route(State(app): State<Arc<App>>, request: Request) -> Response {
+    match app.serving() {
+        Some(services) => {
+            let services = services.clone();
+            ws::upgrade(app, services, request).await
+        }
+        None => not_serving(&app),
+    }
+}
+
+/// `/ws` before startup completed, or while draining: 503 + `Retry-After`, and a
+/// body that says why. Never 500.
+fn not_serving(app: &App) -> Response {
+    app.metrics.connect("unavailable");
+    let report = app.progress.report();
+    let body = match report.state {
+        HealthState::Draining => serde_json::json!({
+            "error": "draining",
+            "message": "this instance is shutting down; reconnect to another one",
+        }),
+        _ => serde_json::json!({
+            "error": "starting",
+            "phase": report.phase,
+            "message": format!(
+                "startup has not completed (phase {}); retry shortly",
+                report.phase.map(|p| p.as_str()).unwrap_or("starting")
+            ),
+        }),
+    };
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
+    response
+}
+
+/// Runs the service to the end. Returns the process exit code.
+pub async fn run(set: ConfigSet, started: Instant) -> i32 {
+    logging::init(LogFormat::from_config(set.effective("CHATGATE_LOG_FORMAT")));
+    let termination_log = set
+        .effective("CHATGATE_TERMINATION_LOG")
+        .unwrap_or(paths::DEFAULT_TERMINATION_LOG)
+        .to_string();
+    let app = Arc::new(App::new(started));
+    // Registered first thing, so a SIGTERM during startup is a clean exit rather
+    // than the default kill.
+    let mut signals = Signals::register();
+
+    // Bind before the phases run; an address that cannot even be bound fails the
+    // config phase with the key named.
+    let listener = match bind(&set).await {
+        Ok(l) => l,
+        Err(cause) => {
+            let failure = startup::StartupFailure {
+                running: chatgate_contract::StartupPhase::Config,
+                message: chatgate_contract::TerminationMessage::new(
+                    chatgate_contract::StartupPhase::Config,
+                    Some(CriticalService::Configuration),
+                    cause,
+                ),
+            };
+            return fail(&app, failure, &termination_log, started);
+        }
+    };
+    let local = listener.local_addr().ok();
+    info!(address = ?local, "listening");
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let router = router(app.clone());
+        async move {
+            let listener = listener.tap_io(|tcp| {
+                // Chat frames are small and latency matters more than packet count.
+                let _ = tcp.set_nodelay(true);
+            });
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                error!(error = %e, "HTTP server stopped");
+            }
+        }
+    });
+
+    let budget = set
+        .effective("CHATGATE_STARTUP_BUDGET_SECONDS")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(60);
+    let deadline = started + Duration::from_secs(budget);
+
+    let signal = termination_signal(&mut signals);
+    tokio::pin!(signal);
+    let outcome = tokio::select! {
+        outcome = startup::run(&set, &app.progress, &app.metrics, deadline) => Some(outcome),
+        _ = &mut signal => None,
+    };
+    let services = match outcome {
+        Some(Ok(services)) => Arc::new(services),
+        Some(Err(failure)) => return fail(&app, failure, &termination_log, started),
+        None => {
+            info!("shutdown requested during startup; exiting");
+            app.progress.draining();
+            shutdown.cancel();
+            return 0;
+        }
+    };
+    let drain = services.config.drain;
+    let bridge = services.bridge.clone();
+    let supervisor = services.supervisor.clone();
+    let _ = app.services.set(services);
+    app.progress.complete();
+    app.metrics.startup_complete.set(1);
+    info!(
+        took_ms = started.elapsed().as_micros() as f64 / 1000.0,
+        "startup complete; every critical service exists"
+    );
+
+    signal.await;
+    // Readiness drops at once so the load balancer stops sending new clients;
+    // the sockets already open keep working through the drain delay.
+    app.draining.store(true, Ordering::Release);
+    app.progress.draining();
+    info!(
+        drain_seconds = drain.as_secs(),
+        open = bridge.open(),
+        "shutdown requested; readiness is 503, draining"
+    );
+    tokio::time::sleep(drain).await;
+    // Runs still going end with `error shutting_down` (the client resends after
+    // reconnecting), then every socket is told 1012.
+    supervisor.shutdown();
+    let open = bridge.open();
+    if tokio::time::timeout(CLOSE_GRACE, bridge.close_all())
+        .await
+        .is_err()
+    {
+        warn!(
+            still_open = bridge.open(),
+            "sockets did not close in time after 1012; exiting anyway"
+        );
+    }
+    info!(
+        closed = open,
+        "open sockets closed with 1012 (service restart)"
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    info!("stopped");
+    0
+}
+
+async fn bind(set: &ConfigSet) -> Result<TcpListener, String> {
+    let raw = set
+        .effective("CHATGATE_LISTEN")
+        .unwrap_or("127.0.0.1:8080")
+        .trim()
+        .to_string();
+    let addr: SocketAddr = match raw.parse() {
+        Ok(a) => a,
+        Err(_) => tokio::net::lookup_host(raw.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                format!("CHATGATE_LISTEN `{raw}` is not an address this host can listen on; use IP:PORT such as 127.0.0.1:8080")
+            })?,
+    };
+    TcpListener::bind(addr).await.map_err(|e| {
+        format!("CHATGATE_LISTEN {addr} cannot be bound ({e}); choose a free port or stop the process using it")
+    })
+}
+
+fn fail(
+    app: &App,
+    failure: startup::StartupFailure,
+    termination_log: &str,
+    started: Instant,
+) -> i32 {
+    app.progress
+        .fail(failure.running, &failure.message, started.elapsed());
+    error!(
+        phase = %failure.message.phase,
+        service = failure.message.service.map(|s| s.as_str()).unwrap_or("none"),
+        cause = %failure.message.cause,
+        "startup failed: {}", failure.message.summary()
+    );
+    startup::write_termination_log(termination_log, &failure.message);
+    // Also on stderr for people running the binary by hand.
+    eprintln!("{}", failure.message);
+    1
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C) handlers.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        if term.is_none() || int.is_none() {
+            warn!("cannot listen for SIGTERM/SIGINT; shutdown will not drain");
+        }
+        Signals { term, int }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn termination_signal(signals: &mut Signals) {
+    async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+        match signal {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        _ = next(&mut signals.term) => {}
+        _ = next(&mut signals.int) => {}
+    }
+}
+
+/// Reads configuration for a run: `--config FILE` (optional) and the environment.
+pub fn load_config(file: Option<&std::path::Path>) -> Result<ConfigSet, String> {
+    config::load(file, std::env::vars())
+}

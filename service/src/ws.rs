@@ -1,0 +1,342 @@
+//! `/ws`: the upgrade (origin, token, connection limits — all checked before the
+//! upgrade completes) and the per-socket loop that speaks the wire protocol.
+//!
+//! One task per socket, and nothing else per socket until the client asks for a
+//! chat: the agent event queue is created on the first chat request, so an idle
+//! socket costs its task, its small read buffer and a few counters.
+
+use crate::agent::{self, ClientRequest, ErrorCode, ServerEvent};
+use crate::auth::{self, UserId};
+use crate::bridge::{Admission, OverLimit};
+use crate::chat::{ChatLane, LaneEvent, Submitted};
+use crate::server::App;
+use crate::startup::CriticalServices;
+use axum::extract::FromRequestParts;
+use axum::extract::Request;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span};
+
+/// Initial read buffer per socket. Chat frames are small; tungstenite grows the
+/// buffer for a larger frame (up to the message limit) when one arrives. The
+/// default (128 KiB) would make every idle socket cost more than the whole budget.
+const READ_BUFFER_BYTES: usize = 1024;
+/// A write that cannot complete in this time means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Close codes (RFC 6455 and the IANA registry).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const NO_STATUS: u16 = 1005;
+    pub const ABNORMAL: u16 = 1006;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+    pub const SERVICE_RESTART: u16 = 1012;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Checks origin and token, takes a connection slot, and upgrades.
+pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let settings = services.bridge.settings();
+    if !auth::origin_allowed(&parts.headers, &settings.allowed_origins) {
+        app.metrics.connect("forbidden");
+        return auth::AuthError::OriginNotAllowed.into_response();
+    }
+    let credentials = match auth::credentials(&parts.headers) {
+        Ok(c) => c,
+        Err(e) => {
+            app.metrics.connect("unauthorized");
+            return e.into_response();
+        }
+    };
+    let user = match services.verifier.verify(&credentials.token) {
+        Ok(user) => user,
+        Err(e) => {
+            app.metrics.connect("unauthorized");
+            debug!(reason = e.reason(), "upgrade refused");
+            return e.into_response();
+        }
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(rejection) => {
+            app.metrics.connect("bad_request");
+            return rejection.into_response();
+        }
+    };
+    let limit = settings.max_message_bytes;
+    let mut upgrade = upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        // Write each frame as it is sent; the queue in front of the socket is the
+        // buffer, and it is bounded.
+        .write_buffer_size(0)
+        .max_write_buffer_size(limit.saturating_mul(2).max(64 * 1024))
+        .max_message_size(limit)
+        .max_frame_size(limit);
+    if let Some(protocol) = credentials.subprotocol {
+        upgrade = upgrade.protocols([protocol]);
+    }
+    match services.bridge.admit(&user) {
+        Ok(admission) => {
+            app.metrics.connects_accepted.inc();
+            let connection = Connection {
+                app,
+                services,
+                user,
+                admission,
+            };
+            upgrade.on_upgrade(move |socket| connection.serve(socket))
+        }
+        Err(over) => {
+            app.metrics.connect("over_limit");
+            info!(user_id = %user, reason = over.reason(), "connection refused with 1013");
+            upgrade.on_upgrade(move |socket| refuse(socket, app, over))
+        }
+    }
+}
+
+/// Tells a socket over a limit to come back later, and closes it.
+async fn refuse(mut socket: WebSocket, app: Arc<App>, over: OverLimit) {
+    close(&mut socket, close_code::TRY_AGAIN_LATER, over.reason()).await;
+    app.metrics.close(close_code::TRY_AGAIN_LATER);
+}
+
+/// Sends a close frame and waits (bounded) for the client's, so the client reads
+/// the code before the TCP connection goes away.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    // After an oversized frame the rest of it is still unread; reading on would
+    // only pull in what was refused. The close frame is already on its way.
+    let await_reply = code != close_code::TOO_BIG;
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    if !matches!(
+        tokio::time::timeout(CLOSE_TIMEOUT, socket.send(frame)).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    if !await_reply {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// An admitted socket and everything it serves with.
+struct Connection {
+    app: Arc<App>,
+    services: Arc<CriticalServices>,
+    user: UserId,
+    admission: Admission,
+}
+
+/// How a socket's loop ended, for the close code and the log.
+enum Ending {
+    /// The client closed (its code, or 1005/1006).
+    ByClient(u16),
+    /// The service closes with this code.
+    ByServer(u16, &'static str),
+    /// The client stopped reading; no close frame can reach it.
+    SlowReader,
+}
+
+impl Connection {
+    async fn serve(self, socket: WebSocket) {
+        let span = info_span!(
+            "ws",
+            connection_id = %self.admission.connection_id,
+            user_id = %self.user
+        );
+        self.run(socket).instrument(span).await
+    }
+
+    async fn run(self, mut socket: WebSocket) {
+        let metrics = &self.app.metrics;
+        metrics.active_connections.inc();
+        debug!("connected");
+        let ending = self.chat(&mut socket).await;
+        let code = match ending {
+            Ending::ByClient(code) => code,
+            Ending::ByServer(code, reason) => {
+                close(&mut socket, code, reason).await;
+                code
+            }
+            Ending::SlowReader => close_code::TRY_AGAIN_LATER,
+        };
+        match ending {
+            Ending::ByClient(_) => debug!(code, "closed by client"),
+            Ending::ByServer(_, reason) => debug!(code, reason, "closed by service"),
+            Ending::SlowReader => info!("disconnected: the client stopped reading"),
+        }
+        metrics.close(code);
+        metrics.active_connections.dec();
+    }
+
+    /// The protocol loop. Returns how the socket should end; never closes it.
+    async fn chat(&self, socket: &mut WebSocket) -> Ending {
+        let settings = self.services.bridge.settings();
+        let hello = ServerEvent::connected(&*self.user, &self.admission.connection_id);
+        if send(socket, &hello).await.is_err() {
+            return Ending::SlowReader;
+        }
+        let mut lane: Option<ChatLane> = None;
+        let tick_every = settings.keepalive.min(settings.idle_timeout);
+        let tick = tokio::time::sleep(tick_every);
+        tokio::pin!(tick);
+        let restarting = self.services.bridge.restarting();
+        tokio::pin!(restarting);
+        let mut last_heard = Instant::now();
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut restarting => {
+                    return Ending::ByServer(close_code::SERVICE_RESTART, "service restart");
+                }
+                incoming = socket.recv() => {
+                    let message = match incoming {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return ending_for_error(e),
+                        None => return Ending::ByClient(close_code::ABNORMAL),
+                    };
+                    last_heard = Instant::now();
+                    let reply = match message {
+                        Message::Text(text) => self.on_text(text.as_str(), &mut lane),
+                        Message::Binary(_) => Some(ServerEvent::error(
+                            ErrorCode::UnsupportedFrame,
+                            "binary frames are not part of the protocol; send JSON text frames",
+                        )),
+                        // tungstenite answers pings itself; both count as signs of life.
+                        Message::Ping(_) | Message::Pong(_) => None,
+                        Message::Close(frame) => {
+                            return Ending::ByClient(
+                                frame.map(|f| f.code).unwrap_or(close_code::NO_STATUS),
+                            );
+                        }
+                    };
+                    if let Some(reply) = reply {
+                        self.count(&reply);
+                        if send(socket, &reply).await.is_err() {
+                            return Ending::SlowReader;
+                        }
+                    }
+                }
+                next = next_from(&mut lane) => match next {
+                    LaneEvent::Event(event) => {
+                        self.count(&event);
+                        if send(socket, &event).await.is_err() {
+                            return Ending::SlowReader;
+                        }
+                    }
+                    LaneEvent::Overflow => return Ending::SlowReader,
+                },
+                _ = &mut tick => {
+                    if last_heard.elapsed() >= settings.idle_timeout {
+                        return Ending::ByServer(close_code::NORMAL, "idle timeout");
+                    }
+                    // A ping makes live clients answer (resetting the idle clock)
+                    // and keeps proxies from cutting a quiet socket.
+                    let ping = socket.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
+                        return Ending::SlowReader;
+                    }
+                    tick.as_mut().reset(Instant::now() + tick_every);
+                }
+            }
+        }
+    }
+
+    /// Handles one text frame; returns the frame to answer with directly, if any.
+    fn on_text(&self, text: &str, lane: &mut Option<ChatLane>) -> Option<ServerEvent> {
+        match agent::parse_client_frame(text) {
+            Ok(ClientRequest::Ping) => Some(ServerEvent::pong_now()),
+            Ok(request) => {
+                let lane = lane.get_or_insert_with(|| {
+                    ChatLane::open(
+                        self.services.supervisor.clone(),
+                        self.user.clone(),
+                        self.services.bridge.settings().send_queue,
+                    )
+                });
+                self.app.metrics.agent_requests.inc();
+                match lane.submit(request) {
+                    Submitted::Queued => None,
+                    Submitted::Busy => Some(ServerEvent::error(
+                        ErrorCode::RateLimited,
+                        "too many requests waiting on this connection; wait for their answers before sending more",
+                    )),
+                }
+            }
+            Err(e) => Some(e.into_event()),
+        }
+    }
+
+    fn count(&self, event: &ServerEvent) {
+        let metrics = &self.app.metrics;
+        match event {
+            ServerEvent::AgentStarted { .. } | ServerEvent::AgentCompleted { .. } => {
+                metrics.agent_event(event.kind())
+            }
+            ServerEvent::Error { code, .. } => metrics.error_sent(code.as_str()),
+            _ => {}
+        }
+    }
+}
+
+/// The next event of the socket's chat lane; never resolves without a lane.
+async fn next_from(lane: &mut Option<ChatLane>) -> LaneEvent {
+    match lane {
+        Some(lane) => lane.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one frame; an error means the socket is unusable (or the client stopped
+/// reading for longer than [`WRITE_TIMEOUT`]).
+async fn send(socket: &mut WebSocket, event: &ServerEvent) -> Result<(), ()> {
+    // Serialising a wire type cannot fail (no maps with non-string keys).
+    let text = serde_json::to_string(event).unwrap_or_default();
+    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Maps a read error to the close the protocol requires.
+fn ending_for_error(error: axum::Error) -> Ending {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    match error.into_inner().downcast::<WsError>() {
+        Ok(e) => match *e {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => Ending::ByServer(
+                close_code::TOO_BIG,
+                "message larger than CHATGATE_MAX_MESSAGE_BYTES",
+            ),
+            WsError::Utf8(_) => {
+                Ending::ByServer(close_code::INVALID_PAYLOAD, "text frame is not valid UTF-8")
+            }
+            WsError::Protocol(_) => {
+                Ending::ByServer(close_code::PROTOCOL_ERROR, "WebSocket protocol violation")
+            }
+            WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                Ending::ByClient(close_code::ABNORMAL)
+            }
+            _ => Ending::ByClient(close_code::ABNORMAL),
+        },
+        Err(_) => Ending::ByClient(close_code::ABNORMAL),
+    }
+}
