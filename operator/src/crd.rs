@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
     status = "ChatServiceStatus",
     shortname = "chatsvc",
     category = "chatgate",
+    derive = "PartialEq",
     doc = "A chat service whose pods take traffic only once every critical service exists.",
     printcolumn(name = "Env", type_ = "string", json_path = ".spec.environment"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
@@ -224,8 +225,12 @@ pub struct DatabaseSpec {
 }
 
 /// Startup timing budget.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.budgetSeconds % self.periodSeconds == 0")
+        .message("startup.budgetSeconds must be a multiple of startup.periodSeconds: the startup probe allows budgetSeconds / periodSeconds failures")
+)]
 pub struct StartupSpec {
     /// Seconds a pod may take to produce every critical service before it is restarted.
     /// The startup probe's failureThreshold × periodSeconds equals this.

@@ -1,9 +1,25 @@
 //! The chatgate operator: reconciles `ChatService` resources into gated workloads,
 //! and the offline `crd`, `render` and `validate` commands.
+//!
+//! The reconcile is a visible pipeline, one module per step:
+//! [`validation`] (read what the spec points at, validate) → [`build`] (pure: desired
+//! children) → [`apply`] (server-side apply, nothing written when nothing changed) →
+//! [`status`] (pure: conditions from what was applied and observed) — wired together
+//! in [`controller`].
 
+pub mod apply;
+pub mod build;
+pub mod conditions;
 pub mod configuration;
+pub mod controller;
 pub mod crd;
 pub mod dereference;
+pub mod fixtures;
+pub mod meta;
+pub mod metrics;
+pub mod render;
+pub mod run;
+pub mod status;
 pub mod validate_cmd;
 pub mod validation;
 pub mod watches;

@@ -1,5 +1,148 @@
+//! `chatgate-operator`: run the controller (default), or the offline commands `crd`,
+//! `render` and `validate`.
+
 use chatgate_operator::crd::ChatService;
+use chatgate_operator::render::{RenderArgs, render};
+use chatgate_operator::run::{Health, Options, run};
+use chatgate_operator::validate_cmd::{self, ValidateArgs};
+use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
-fn main() {
-    print!("{}", serde_norway::to_string(&ChatService::crd()).unwrap());
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chatgate-operator",
+    version,
+    about = "Reconciles ChatService resources into gated chat workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Log format: `json` (for clusters) or `text`.
+    #[arg(
+        long,
+        global = true,
+        env = "CHATGATE_OPERATOR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default).
+    Run(Options),
+    /// Print the ChatService CustomResourceDefinition as YAML.
+    Crd,
+    /// Print the children the operator would apply for ChatService manifests.
+    Render(RenderArgs),
+    /// Check ChatService manifests offline: configuration, references and parity.
+    Validate(ValidateArgs),
+}
+
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    if cli.command.is_none() {
+        // No subcommand means `run`, with its flags and environment variables.
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| "chatgate-operator".into());
+        cli = Cli::parse_from(
+            std::iter::once(argv0)
+                .chain(std::iter::once("run".into()))
+                .chain(args),
+        );
+    }
+    let Some(command) = cli.command else {
+        return ExitCode::FAILURE;
+    };
+    match command {
+        Command::Crd => match serde_norway::to_string(&ChatService::crd()) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: printing the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Render(args) => match render(&args) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Validate(args) => {
+            ExitCode::from(u8::try_from(validate_cmd::run(&args)).unwrap_or(2))
+        }
+        Command::Run(options) => {
+            init_logging(&cli.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run_operator(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "the operator stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run_operator(options: Options) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let health = Arc::new(Health::default());
+    run(
+        client,
+        options,
+        health,
+        chatgate_operator::controller::system_clock(),
+        shutdown_signal(),
+    )
+    .await
+}
+
+/// SIGTERM (the kubelet) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -1,0 +1,289 @@
+//! Writing the desired children: server-side apply with the operator's own field
+//! manager, and no request at all when the live object already is what is wanted.
+//!
+//! "Already is" means: the live object (from the operator's watch cache) carries the
+//! [`ANNOTATION_APPLIED_HASH`] of the desired object, so nothing the operator sets
+//! changed, and every field the operator sets still has its value (nobody edited it
+//! by hand: no drift). Fields other controllers or the API server add are ignored.
+
+use crate::build::Desired;
+use crate::meta::{ANNOTATION_APPLIED_HASH, FIELD_MANAGER};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+/// The watch caches of the operator's children (only objects labelled as managed).
+#[derive(Clone)]
+pub struct Stores {
+    pub config_maps: Store<ConfigMap>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub pod_disruption_budgets: Store<PodDisruptionBudget>,
+    pub pods: Store<Pod>,
+}
+
+/// A write that failed, naming the object.
+#[derive(Debug, thiserror::Error)]
+#[error("{verb} {kind} {namespace}/{name}: {source}")]
+pub struct WriteError {
+    pub verb: &'static str,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// What the apply step produced: the Deployment as the API server has it now. Only
+/// this step makes one, so the status can never describe a Deployment that was not
+/// applied.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub deployment: Arc<Deployment>,
+    /// Requests sent (0 when everything was up to date).
+    pub writes: u32,
+}
+
+/// Whether `desired` must be applied over `live`.
+pub fn needs_write<K: Resource + Serialize>(live: Option<&K>, desired: &K) -> bool {
+    let Some(live) = live else { return true };
+    let hash = |o: &K| {
+        o.meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_APPLIED_HASH))
+            .cloned()
+    };
+    if hash(live).is_none() || hash(live) != hash(desired) {
+        return true;
+    }
+    match (serde_json::to_value(desired), serde_json::to_value(live)) {
+        (Ok(d), Ok(l)) => !is_subset(&d, &l),
+        _ => true,
+    }
+}
+
+/// Every field of `desired` is in `live` with the same value (lists: same length,
+/// element by element). Extra fields in `live` (defaults, other managers) are fine.
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .all(|(k, dv)| l.get(k).is_some_and(|lv| is_subset(dv, lv))),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => desired == live,
+    }
+}
+
+/// Applies every child that is not up to date and deletes a PodDisruptionBudget that
+/// is no longer wanted.
+pub async fn apply(
+    client: &Client,
+    stores: &Stores,
+    desired: &Desired,
+) -> Result<Applied, WriteError> {
+    let mut writes = 0;
+    apply_one(
+        client,
+        &stores.config_maps,
+        &desired.config_map,
+        &mut writes,
+    )
+    .await?;
+    let deployment = apply_one(
+        client,
+        &stores.deployments,
+        &desired.deployment,
+        &mut writes,
+    )
+    .await?;
+    apply_one(client, &stores.services, &desired.service, &mut writes).await?;
+    match &desired.pod_disruption_budget {
+        Some(pdb) => {
+            apply_one(client, &stores.pod_disruption_budgets, pdb, &mut writes).await?;
+        }
+        None => {
+            // The PDB would have the Deployment's name and namespace.
+            let name = desired.deployment.name_any();
+            let namespace = desired.deployment.namespace().unwrap_or_default();
+            let live = stores
+                .pod_disruption_budgets
+                .get(&ObjectRef::<PodDisruptionBudget>::new(&name).within(&namespace));
+            if let Some(live) = live.filter(|l| owned_by_same(l.as_ref(), &desired.deployment)) {
+                delete(client, live.as_ref(), &mut writes).await?;
+            }
+        }
+    }
+    Ok(Applied { deployment, writes })
+}
+
+/// Both objects name the same controller (so only the operator's own PDB is deleted).
+fn owned_by_same<A: Resource, B: Resource>(a: &A, b: &B) -> bool {
+    let uid = |m: &kube::api::ObjectMeta| {
+        m.owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone())
+    };
+    let ua = uid(a.meta());
+    ua.is_some() && ua == uid(b.meta())
+}
+
+async fn apply_one<K>(
+    client: &Client,
+    store: &Store<K>,
+    desired: &K,
+    writes: &mut u32,
+) -> Result<Arc<K>, WriteError>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let live = store.get(&ObjectRef::from_obj(desired));
+    if let Some(live) = live.filter(|l| !needs_write(Some(l.as_ref()), desired)) {
+        return Ok(live);
+    }
+    let namespace = desired.namespace().unwrap_or_default();
+    let name = desired.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    *writes += 1;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await
+    .map(Arc::new)
+    .map_err(|source| WriteError {
+        verb: "applying",
+        kind: K::kind(&()).into_owned(),
+        namespace,
+        name,
+        source,
+    })
+}
+
+async fn delete<K>(client: &Client, live: &K, writes: &mut u32) -> Result<(), WriteError>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let namespace = live.namespace().unwrap_or_default();
+    let name = live.name_any();
+    let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    *writes += 1;
+    let uid = live.meta().uid.clone();
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(WriteError {
+            verb: "deleting",
+            kind: K::kind(&()).into_owned(),
+            namespace,
+            name,
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::build;
+    use crate::configuration::declared_config;
+    use crate::crd::ChatService;
+    use serde_json::json;
+
+    fn desired() -> Desired {
+        let cs = ChatService::test("chat")
+            .namespace("ns")
+            .stored("u", 1)
+            .build();
+        build(&cs, &declared_config(&cs.spec, None).0)
+    }
+
+    /// The live object as the API server returns it: the desired one plus defaults.
+    fn as_served<K: Serialize + DeserializeOwned>(o: &K, extra: Value) -> K {
+        let mut v = serde_json::to_value(o).unwrap();
+        merge(&mut v, extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(a: &mut Value, b: Value) {
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_when_the_live_object_matches() {
+        let d = desired();
+        let live = as_served(
+            &d.deployment,
+            json!({"metadata": {"resourceVersion": "7", "uid": "x", "annotations": {"deployment.kubernetes.io/revision": "1"}},
+                   "spec": {"template": {"spec": {"dnsPolicy": "ClusterFirst"}}},
+                   "status": {"replicas": 1}}),
+        );
+        assert!(!needs_write(Some(&live), &d.deployment));
+        let svc = as_served(&d.service, json!({"spec": {"clusterIP": "10.0.0.7"}}));
+        assert!(!needs_write(Some(&svc), &d.service));
+    }
+
+    #[test]
+    fn a_missing_object_a_new_hash_or_drift_is_written() {
+        let d = desired();
+        assert!(needs_write(None, &d.deployment));
+        let mut other = d.deployment.clone();
+        other
+            .annotations_mut()
+            .insert(ANNOTATION_APPLIED_HASH.into(), "old".into());
+        assert!(needs_write(Some(&other), &d.deployment));
+        // Someone scaled it by hand: the hash still matches, the field does not.
+        let drifted = as_served(&d.deployment, json!({"spec": {"replicas": 5}}));
+        assert!(needs_write(Some(&drifted), &d.deployment));
+        // No hash at all (created by someone else): adopt by applying.
+        let mut bare = d.config_map.clone();
+        bare.annotations_mut().clear();
+        assert!(needs_write(Some(&bare), &d.config_map));
+    }
+
+    #[test]
+    fn subset_compares_lists_by_length_and_numbers_by_value() {
+        assert!(is_subset(
+            &json!({"a": [1, {"b": 2}]}),
+            &json!({"a": [1.0, {"b": 2, "c": 3}], "d": 4})
+        ));
+        assert!(!is_subset(&json!({"a": [1]}), &json!({"a": [1, 2]})));
+        assert!(!is_subset(&json!({"a": "x"}), &json!({})));
+    }
+}

@@ -1,0 +1,494 @@
+//! Running the operator: the watches and their caches, the controller, leader
+//! election on a Lease, and the operator's own `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Only the leader runs the controller (and so only the leader writes). A standby
+//! instance holds no watches; it is alive and ready — ready means "fit to take over",
+//! so a rollout of the operator's own Deployment never waits on the lease.
+
+use crate::apply::Stores;
+use crate::controller::{self, Clock, Context};
+use crate::crd::ChatService;
+use crate::meta::{CONTROLLER_NAME, managed_selector};
+use crate::metrics::Metrics;
+use crate::watches;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+/// Name of the Lease the instances compete for.
+pub const LEASE_NAME: &str = "chatgate-operator";
+
+/// How the operator runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "CHATGATE_OPERATOR_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of `/healthz`, `/readyz` and `/metrics`; empty to serve none.
+    #[arg(long, env = "CHATGATE_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
+    pub http: String,
+    /// Seconds between reconciles of an unchanged ChatService.
+    #[arg(long, default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Elect a leader on a Lease so several replicas are safe.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: `--namespace`, else the pod's namespace from
+    /// `POD_NAMESPACE`, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a leader's lease is valid without renewal; a standby takes over after that.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Seconds before expiry at which the leader renews.
+    #[arg(long, default_value_t = 5)]
+    pub lease_grace_seconds: u64,
+    /// This instance's identity on the Lease and on Events (default: the pod name from
+    /// `POD_NAME`, else the host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Reconciles running at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u16,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            namespace: None,
+            http: "0.0.0.0:8080".into(),
+            resync_seconds: 300,
+            leader_election: true,
+            lease_namespace: None,
+            lease_duration_seconds: 15,
+            lease_grace_seconds: 5,
+            identity: None,
+            concurrency: 16,
+        }
+    }
+}
+
+impl Options {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "chatgate-operator".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+
+    fn lease_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .or_else(|| self.namespace.clone())
+            .unwrap_or_else(|| "default".into())
+    }
+}
+
+/// What the HTTP endpoints and tests can see of a running operator.
+#[derive(Default)]
+pub struct Health {
+    /// This instance holds the lease (always true without leader election).
+    pub leader: AtomicBool,
+    /// The controller's watches have listed everything at least once.
+    pub synced: AtomicBool,
+    /// The operator cannot work any more (lease or controller loop died).
+    pub failed: AtomicBool,
+    /// Shutting down: not ready any more.
+    pub stopping: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    /// Asks the running controller to reconcile every ChatService now.
+    resync: Notify,
+}
+
+impl Health {
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Ready: not stopping, and either a standby or a leader whose caches are synced.
+    pub fn is_ready(&self) -> (bool, &'static str) {
+        if self.failed.load(Ordering::SeqCst) {
+            (false, "failed")
+        } else if self.stopping.load(Ordering::SeqCst) {
+            (false, "stopping")
+        } else if !self.is_leader() {
+            (true, "standby: not the leader")
+        } else if self.synced.load(Ordering::SeqCst) {
+            (true, "leader: watches synced")
+        } else {
+            (false, "leader: watches not synced yet")
+        }
+    }
+
+    /// Reconcile every ChatService now (a forced resync; used by tests and the benchmark).
+    pub fn resync(&self) {
+        self.resync.notify_one();
+    }
+}
+
+/// Aborts the task when dropped, so a dropped (or aborted) operator takes its
+/// background tasks with it.
+struct AbortOnDrop<T>(Option<JoinHandle<T>>);
+
+impl<T> AbortOnDrop<T> {
+    fn new(task: JoinHandle<T>) -> Self {
+        AbortOnDrop(Some(task))
+    }
+
+    /// The task, no longer aborted on drop.
+    fn into_inner(mut self) -> Option<JoinHandle<T>> {
+        self.0.take()
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// A watch of managed `K` objects, cached in a store, as a stream of changed objects.
+fn cached<K>(
+    api: Api<K>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default()
+        .labels(&managed_selector())
+        .any_semantic();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config).default_backoff().modify(|o| {
+            // Managed fields are never read; dropping them keeps the caches small.
+            o.managed_fields_mut().clear();
+        }),
+    )
+    .touched_objects();
+    (reader, stream)
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `stop` resolves. Sets `health.synced` once every watch
+/// has listed.
+pub async fn run_controller(
+    client: Client,
+    options: &Options,
+    health: Arc<Health>,
+    clock: Clock,
+    stop: impl Future<Output = ()> + Send,
+) {
+    let ns = options.namespace.as_deref();
+    let (config_maps, cm_stream) = cached::<ConfigMap>(api(&client, ns));
+    let (deployments, deploy_stream) = cached::<Deployment>(api(&client, ns));
+    let (services, svc_stream) = cached::<Service>(api(&client, ns));
+    let (pod_disruption_budgets, pdb_stream) = cached::<PodDisruptionBudget>(api(&client, ns));
+    let (pods, pod_stream) = cached::<Pod>(api(&client, ns));
+    let stores = Stores {
+        config_maps,
+        deployments,
+        services,
+        pod_disruption_budgets,
+        pods,
+    };
+
+    let chat_services: Api<ChatService> = api(&client, ns);
+    let controller = Controller::new(chat_services, watcher::Config::default().any_semantic());
+    let cs_store = controller.store();
+
+    // Referenced objects, mapped back to the ChatServices that use them. Secrets are
+    // watched as metadata only: their values never enter the operator's memory.
+    let secrets = watcher(
+        api::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let referenced_config_maps = watcher(
+        api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+    // Baselines may live in other namespaces: watched cluster-wide even when scoped.
+    let baselines = watcher(
+        Api::<ChatService>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let ready_stores = stores.clone();
+    let ready_cs = cs_store.clone();
+    let ready_health = health.clone();
+    let _sync = AbortOnDrop::new(tokio::spawn(async move {
+        let s = &ready_stores;
+        let all = futures::future::join_all([
+            ready_cs.wait_until_ready().boxed(),
+            s.config_maps.wait_until_ready().boxed(),
+            s.deployments.wait_until_ready().boxed(),
+            s.services.wait_until_ready().boxed(),
+            s.pod_disruption_budgets.wait_until_ready().boxed(),
+            s.pods.wait_until_ready().boxed(),
+        ]);
+        if all.await.iter().all(Result::is_ok) {
+            ready_health.synced.store(true, Ordering::SeqCst);
+            info!("watches synced");
+        }
+    }));
+
+    let resync_health = health.clone();
+    let resync = futures::stream::unfold(resync_health, |h| async move {
+        h.resync.notified().await;
+        Some(((), h))
+    });
+
+    let reporter = Reporter {
+        controller: CONTROLLER_NAME.into(),
+        instance: Some(options.identity()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        stores: stores.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: health.metrics.clone(),
+        clock,
+        resync: Duration::from_secs(options.resync_seconds.max(1)),
+    });
+
+    let (s1, s2, s3) = (cs_store.clone(), cs_store.clone(), cs_store.clone());
+    let running = controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
+        .owns_stream(cm_stream)
+        .owns_stream(deploy_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(pdb_stream)
+        .watches_stream(pod_stream, |pod: Pod| {
+            crate::meta::owner_name(pod.metadata.labels.as_ref())
+                .zip(pod.namespace())
+                .map(|(name, ns)| ObjectRef::<ChatService>::new(name).within(&ns))
+        })
+        .watches_stream(secrets, move |s| {
+            watches::chatservices_using_secret(&s1, &s)
+        })
+        .watches_stream(referenced_config_maps, move |c| {
+            watches::chatservices_using_config_map(&s2, &c)
+        })
+        .watches_stream(baselines, move |b| {
+            watches::chatservices_comparing_with(&s3, &b)
+        })
+        .reconcile_all_on(resync)
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile trigger");
+            }
+        });
+    // Dropping the controller stops it at once: a reconcile cut short is repeated by
+    // the next leader, and every write is idempotent.
+    tokio::select! {
+        _ = running => {}
+        _ = stop => {}
+    }
+    health.synced.store(false, Ordering::SeqCst);
+}
+
+/// Runs the operator until `shutdown` resolves: HTTP endpoints, leader election and,
+/// while leading, the controller.
+pub async fn run(
+    client: Client,
+    options: Options,
+    health: Arc<Health>,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let _http = if options.http.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = options
+            .http
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--http {}: {e}", options.http))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+        Some(AbortOnDrop::new(tokio::spawn(serve(
+            listener,
+            health.clone(),
+        ))))
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let _shutdown = AbortOnDrop::new(tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    }));
+    let stop_check = stop_rx.clone();
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    if !options.leader_election {
+        health.leader.store(true, Ordering::SeqCst);
+        health.metrics.leader.set(1);
+        run_controller(client, &options, health.clone(), clock, stopped()).await;
+        health.stopping.store(true, Ordering::SeqCst);
+        return Ok(());
+    }
+
+    let identity = options.identity();
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(options.lease_namespace())
+        .with_identity(identity.clone())
+        .with_duration(options.lease_duration_seconds.max(2))
+        .with_grace(
+            options
+                .lease_grace_seconds
+                .clamp(1, options.lease_duration_seconds.max(2) - 1),
+        )
+        .with_field_manager(format!("{CONTROLLER_NAME}-lease"))
+        .build()
+        .await?;
+    let (mut leading, task) = manager.watch().await;
+    let lease_task = AbortOnDrop::new(task);
+    info!(%identity, "waiting for the leader lease");
+    loop {
+        // Standby until this instance holds the lease.
+        tokio::select! {
+            changed = leading.wait_for(|l| *l) => {
+                if changed.is_err() {
+                    health.failed.store(true, Ordering::SeqCst);
+                    error!("the lease manager stopped");
+                    break;
+                }
+            }
+            _ = stopped() => break,
+        }
+        info!(%identity, "leading: starting the controller");
+        health.leader.store(true, Ordering::SeqCst);
+        health.metrics.leader.set(1);
+        let mut lost = leading.clone();
+        let lost_or_stopped = {
+            let stopped = stopped();
+            async move {
+                tokio::select! {
+                    _ = lost.wait_for(|l| !*l) => {}
+                    _ = stopped => {}
+                }
+            }
+        };
+        run_controller(
+            client.clone(),
+            &options,
+            health.clone(),
+            clock.clone(),
+            lost_or_stopped,
+        )
+        .await;
+        health.leader.store(false, Ordering::SeqCst);
+        health.metrics.leader.set(0);
+        if *stop_check.borrow() {
+            break;
+        }
+        warn!(%identity, "lost the lease: controller stopped, back to standby");
+    }
+    health.stopping.store(true, Ordering::SeqCst);
+    // Closing the channel makes the lease manager release the lease, so a standby
+    // takes over at once instead of after the lease expires.
+    drop(leading);
+    let released = match lease_task.into_inner() {
+        Some(task) => tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_ok(),
+        None => true,
+    };
+    if !released {
+        warn!("the lease was not released in time; a standby takes over when it expires");
+    }
+    Ok(())
+}
+
+async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    if let Err(e) = axum::serve(listener, app).await {
+        error!(error = %e, "the HTTP server stopped");
+    }
+}
+
+/// Live: the process and its runtime answer, and nothing it depends on has died.
+async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if h.failed.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed: the lease manager or controller stopped\n",
+        )
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    let (ready, why) = h.is_ready();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, format!("{why}\n"))
+}
+
+async fn metrics(
+    State(h): State<Arc<Health>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        h.metrics.encode(),
+    )
+}
