@@ -387,3 +387,202 @@ async fn ping_answers_on_a_working_store() {
     file_store(&dir).await.ping().await.unwrap();
     memory_store().await.ping().await.unwrap();
 }
+
+/// A throwaway PostgreSQL server on a loopback port, in a temporary directory,
+/// stopped when dropped. `None` when this machine has no PostgreSQL binaries.
+struct Postgres {
+    url: String,
+    data: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    server: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    fn start() -> Option<Postgres> {
+        use std::os::unix::process::CommandExt;
+        let bin = find_postgres_bin()?;
+        let dir = tempfile::tempdir().unwrap();
+        // PostgreSQL refuses to run as root; the server then runs as `nobody`.
+        let as_root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+            .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"));
+        let command = |program: &str| {
+            let mut c = std::process::Command::new(bin.join(program));
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .current_dir(dir.path());
+            if as_root {
+                c.uid(65534).gid(65534);
+            }
+            c
+        };
+        if as_root {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        }
+        let data = dir.path().join("data");
+        let status = command("initdb")
+            .args(["-A", "trust", "-U", "chat", "--no-sync", "-D"])
+            .arg(&data)
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = command("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "fsync=off", "-k"])
+            .arg(dir.path())
+            .spawn()
+            .expect("start postgres");
+        Some(Postgres {
+            url: format!("postgres://chat@127.0.0.1:{port}/postgres"),
+            data,
+            bin,
+            server,
+            _dir: dir,
+        })
+    }
+
+    /// Connects, waiting while the server is still starting (a transient error).
+    async fn connect(&self) -> ThreadStore {
+        let mut attempts = 0;
+        loop {
+            match ThreadStore::connect(&self.url).await {
+                Ok(store) => return store,
+                Err(e) if e.is_transient() && attempts < 200 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connect to the test PostgreSQL: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let mut stop = std::process::Command::new(self.bin.join("pg_ctl"));
+        stop.args(["stop", "-m", "immediate", "-D"])
+            .arg(&self.data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if std::fs::metadata(&self.data).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 65534
+        }) {
+            stop.uid(65534).gid(65534);
+        }
+        let _ = stop.status();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn find_postgres_bin() -> Option<std::path::PathBuf> {
+    let mut candidates: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") {
+        candidates.extend(versions.flatten().map(|v| v.path().join("bin")));
+    }
+    candidates.into_iter().find(|dir| {
+        dir.join("postgres").is_file()
+            && dir.join("initdb").is_file()
+            && dir.join("pg_ctl").is_file()
+    })
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
+    let Some(pg) = Postgres::start() else {
+        eprintln!(
+            "skipped: no PostgreSQL server binaries (postgres, initdb, pg_ctl) on this machine"
+        );
+        return;
+    };
+    let store = pg.connect().await;
+    assert_eq!(store.backend(), "postgres");
+    store.ping().await.unwrap();
+
+    let posted = store
+        .post_user_message("alice", None, "hello postgres", Some("c-1"))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        store
+            .append_message(
+                "alice",
+                &posted.thread_id,
+                Role::User,
+                &format!("m{i}"),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .append_reply(
+            "alice",
+            &posted.thread_id,
+            "hi",
+            &posted.message.message_id,
+            "run-1",
+        )
+        .await
+        .unwrap();
+    let contents: Vec<String> = store
+        .get_thread("alice", &posted.thread_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(
+        contents,
+        vec!["hello postgres", "m0", "m1", "m2", "m3", "m4", "hi"]
+    );
+
+    assert_not_found(
+        store.get_thread("bob", &posted.thread_id).await,
+        &posted.thread_id,
+    );
+    assert_not_found(
+        store
+            .append_message("bob", &posted.thread_id, Role::User, "x", None)
+            .await,
+        &posted.thread_id,
+    );
+    assert!(store.list_threads("bob").await.unwrap().is_empty());
+
+    match store
+        .post_user_message("alice", None, "hello postgres", Some("c-1"))
+        .await
+    {
+        Err(StoreError::Duplicate { existing, .. }) => {
+            assert_eq!(existing.message_id, posted.message.message_id);
+            assert_eq!(existing.reply.unwrap().run_id, "run-1");
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(store.list_threads("alice").await.unwrap().len(), 1);
+
+    // A second connect finds the schema in place (migrations are recorded) and the data.
+    store.close().await;
+    let again = pg.connect().await;
+    assert_eq!(
+        again
+            .get_thread("alice", &posted.thread_id)
+            .await
+            .unwrap()
+            .len(),
+        7
+    );
+}
