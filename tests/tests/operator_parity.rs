@@ -1,0 +1,438 @@
+//! Configuration validation and production parity against a real API server with
+//! RBAC on: the operator's `validation::check` reads the referenced Secrets,
+//! ConfigMaps and the baseline with exactly the permissions the chart grants, and
+//! reports what is missing by name.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chatgate_contract::config::ProblemKind;
+use chatgate_operator::crd::ChatService;
+use chatgate_operator::validation::{self, BASELINE_FIELD, Validation};
+use chatgate_tests::{ControlPlane, TestNamespace, wait_for};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Installs the ChatService CRD (idempotent) and waits until it is served.
+async fn ensure_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = ChatService::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("chatgate-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("the CRD applies");
+    wait_for(
+        &crds,
+        &crd.name_any(),
+        TIMEOUT,
+        |c: &CustomResourceDefinition| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await
+    .expect("the CRD is established");
+}
+
+/// The read-only rules validation needs (the chart's ClusterRole grants these and
+/// `list`/`watch` for the controller's watches).
+fn validation_rules() -> serde_json::Value {
+    json!([
+        { "apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get"] },
+        { "apiGroups": ["chatgate.dev"], "resources": ["chatservices"], "verbs": ["get"] },
+    ])
+}
+
+/// A client of a user bound to exactly `rules`, cluster-wide.
+async fn client_with_rules(cp: &ControlPlane, user: &str, rules: serde_json::Value) -> Client {
+    let admin = cp.client();
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": { "name": user },
+        "rules": rules,
+    }))
+    .expect("a ClusterRole");
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": user },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user }],
+    }))
+    .expect("a ClusterRoleBinding");
+    let ssa = PatchParams::apply("chatgate-tests").force();
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(user, &ssa, &Patch::Apply(&role))
+        .await
+        .expect("the ClusterRole applies");
+    Api::<ClusterRoleBinding>::all(admin)
+        .patch(user, &ssa, &Patch::Apply(&binding))
+        .await
+        .expect("the ClusterRoleBinding applies");
+    cp.client_as(user, &[]).expect("a client certificate")
+}
+
+/// Waits until RBAC lets `client` read what validation reads in `ns` (bindings take
+/// effect asynchronously in the authorizer's cache).
+async fn wait_until_authorized(client: &Client, ns: &str) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    chatgate_tests::wait_until(TIMEOUT, "the validation role to take effect", || {
+        let secrets = secrets.clone();
+        async move {
+            match secrets.get_opt("probe").await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+                Err(e) => Err(anyhow::anyhow!(e)),
+            }
+        }
+    })
+    .await
+    .expect("the role takes effect");
+}
+
+fn chat_service(name: &str, spec: serde_json::Value) -> ChatService {
+    serde_json::from_value(json!({
+        "apiVersion": "chatgate.dev/v1alpha1",
+        "kind": "ChatService",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))
+    .expect("a ChatService")
+}
+
+fn production_spec() -> serde_json::Value {
+    json!({
+        "image": "registry.invalid/chatgate-service:1",
+        "environment": "production",
+        "replicas": 2,
+        "jwt": { "issuer": "https://auth.example.com/", "audience": "chat",
+                 "secretRef": { "name": "chat-jwt", "key": "secret" } },
+        "llm": { "provider": "openai", "apiKeySecretRef": { "name": "chat-llm", "key": "api-key" } },
+        "database": { "urlSecretRef": { "name": "chat-db", "key": "url" } },
+    })
+}
+
+fn staging_spec(baseline_ns: &str) -> serde_json::Value {
+    let mut spec = production_spec();
+    spec["environment"] = json!("staging");
+    spec["replicas"] = json!(1);
+    spec["jwt"]["audience"] = json!("chat-staging");
+    spec["parity"] = json!({ "baseline": { "name": "chat", "namespace": baseline_ns } });
+    spec
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "stringData": data.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    }))
+    .expect("a Secret")
+}
+
+async fn create<K>(api: &Api<K>, obj: &K) -> K
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating {obj:?}: {e}"))
+}
+
+/// `(key, rule)` of every problem, configuration and parity.
+fn found(v: &Validation) -> BTreeSet<(String, &'static str)> {
+    v.all_problems().map(|p| (p.key.clone(), p.kind.rule())).collect()
+}
+
+fn set(items: &[(&str, ProblemKind)]) -> BTreeSet<(String, &'static str)> {
+    items.iter().map(|(k, p)| (k.to_string(), p.rule())).collect()
+}
+
+/// A production and a staging namespace, with production's ChatService in place.
+struct Environments {
+    production: TestNamespace,
+    staging: TestNamespace,
+}
+
+async fn environments(cp: &ControlPlane, prefix: &str) -> Environments {
+    ensure_crd(&cp.client()).await;
+    let production = TestNamespace::new(cp, &format!("{prefix}-prd"))
+        .await
+        .unwrap();
+    let staging = TestNamespace::new(cp, &format!("{prefix}-stg"))
+        .await
+        .unwrap();
+    create(
+        &production.api::<ChatService>(cp.client()),
+        &chat_service("chat", production_spec()),
+    )
+    .await;
+    Environments {
+        production,
+        staging,
+    }
+}
+
+#[tokio::test]
+async fn seed_scenario_the_missing_llm_key_is_named_in_config_and_parity() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "seed").await;
+    let client = client_with_rules(cp, "validation-seed", validation_rules()).await;
+    wait_until_authorized(&client, env.staging.name()).await;
+    let secrets = env.staging.api::<Secret>(cp.client());
+    create(
+        &secrets,
+        &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
+    )
+    .await;
+    create(
+        &secrets,
+        &secret("chat-db", &[("url", "postgres://db/chat")]),
+    )
+    .await;
+
+    let mut spec = staging_spec(env.production.name());
+    spec["llm"] = json!({ "provider": "openai" });
+    let staging = create(
+        &env.staging.api::<ChatService>(cp.client()),
+        &chat_service("chat", spec),
+    )
+    .await;
+
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[
+            ("CHATGATE_LLM_API_KEY", ProblemKind::Required),
+            ("CHATGATE_LLM_API_KEY", ProblemKind::ParityPresent),
+        ])
+    );
+    assert_eq!(
+        v.parity.as_ref().map(|p| p.baseline.clone()),
+        Some(format!("{}/chat", env.production.name()))
+    );
+    assert!(v.blocks_rollout());
+}
+
+#[tokio::test]
+async fn a_missing_secret_or_key_is_reported_until_it_exists() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "refs").await;
+    let client = client_with_rules(cp, "validation-refs", validation_rules()).await;
+    wait_until_authorized(&client, env.staging.name()).await;
+    let secrets = env.staging.api::<Secret>(cp.client());
+    create(
+        &secrets,
+        &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
+    )
+    .await;
+    create(
+        &secrets,
+        &secret("chat-db", &[("url", "postgres://db/chat")]),
+    )
+    .await;
+    let staging = create(
+        &env.staging.api::<ChatService>(cp.client()),
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+
+    // No Secret chat-llm at all.
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[("CHATGATE_LLM_API_KEY", ProblemKind::MissingReference)])
+    );
+    let message = &v.config_problems[0].message;
+    assert!(message.contains("Secret `chat-llm`"), "{message}");
+    assert!(message.contains(env.staging.name()), "{message}");
+
+    // The Secret, with the wrong key.
+    create(&secrets, &secret("chat-llm", &[("apikey", "sk-1")])).await;
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[("CHATGATE_LLM_API_KEY", ProblemKind::MissingReference)])
+    );
+    assert!(
+        v.config_problems[0]
+            .message
+            .contains("has no such key (it has `apikey`)")
+    );
+
+    // The key added: clean, and in parity with production in the other namespace.
+    secrets
+        .patch(
+            "chat-llm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "api-key": "sk-1" } })),
+        )
+        .await
+        .expect("the key is added");
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(found(&v), set(&[]));
+    assert!(!v.blocks_rollout());
+}
+
+#[tokio::test]
+async fn the_config_map_is_read_and_its_keys_validated() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "cm").await;
+    let client = client_with_rules(cp, "validation-cm", validation_rules()).await;
+    wait_until_authorized(&client, env.staging.name()).await;
+    let mut spec = staging_spec(env.production.name());
+    spec["configMapRef"] = json!({ "name": "chat-config" });
+    spec["parity"]["mode"] = json!("Warn");
+    let staging = create(
+        &env.staging.api::<ChatService>(cp.client()),
+        &chat_service("chat", spec),
+    )
+    .await;
+    let secrets = env.staging.api::<Secret>(cp.client());
+    create(
+        &secrets,
+        &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
+    )
+    .await;
+    create(
+        &secrets,
+        &secret("chat-db", &[("url", "postgres://db/chat")]),
+    )
+    .await;
+    create(&secrets, &secret("chat-llm", &[("api-key", "sk-1")])).await;
+
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[("spec.configMapRef", ProblemKind::MissingReference)])
+    );
+
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": { "name": "chat-config" },
+        "data": { "CHATGATE_MAX_CONECTIONS": "10", "CHATGATE_LOG_FORMAT": "json" },
+    }))
+    .unwrap();
+    create(&env.staging.api::<ConfigMap>(cp.client()), &cm).await;
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[("CHATGATE_MAX_CONECTIONS", ProblemKind::Unknown)])
+    );
+    assert_eq!(
+        v.config_map_data
+            .as_ref()
+            .and_then(|d| d.get("CHATGATE_LOG_FORMAT"))
+            .map(String::as_str),
+        Some("json")
+    );
+}
+
+#[tokio::test]
+async fn a_baseline_that_is_missing_or_not_production_is_reported() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "base").await;
+    let client = client_with_rules(cp, "validation-base", validation_rules()).await;
+    wait_until_authorized(&client, env.staging.name()).await;
+    let chat_services = env.staging.api::<ChatService>(cp.client());
+
+    let mut spec = staging_spec(env.production.name());
+    spec["parity"]["baseline"]["name"] = json!("chat-prod");
+    let typo = create(&chat_services, &chat_service("typo", spec)).await;
+    let v = validation::check(&client, &typo)
+        .await
+        .expect("check reads");
+    let parity = v.parity.as_ref().expect("parity is checked");
+    assert_eq!(parity.problems.len(), 1, "{:?}", parity.problems);
+    assert_eq!(parity.problems[0].key, BASELINE_FIELD);
+    assert_eq!(parity.problems[0].kind, ProblemKind::BaselineMissing);
+    assert!(parity.problems[0].message.contains("does not exist"));
+
+    // A staging resource named as the baseline of another (same namespace by default).
+    let mut spec = staging_spec(env.production.name());
+    spec["parity"] = json!({ "baseline": { "name": "typo" } });
+    let chained = create(&chat_services, &chat_service("chained", spec)).await;
+    let v = validation::check(&client, &chained)
+        .await
+        .expect("check reads");
+    let parity = v.parity.as_ref().expect("parity is checked");
+    assert_eq!(parity.baseline, format!("{}/typo", env.staging.name()));
+    assert!(
+        parity.problems[0].message.contains("not production"),
+        "{:?}",
+        parity.problems
+    );
+}
+
+#[tokio::test]
+async fn without_read_access_to_secrets_the_problem_names_the_permission() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "rbac").await;
+    let client = client_with_rules(
+        cp,
+        "validation-no-secrets",
+        json!([
+            { "apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"] },
+            { "apiGroups": ["chatgate.dev"], "resources": ["chatservices"], "verbs": ["get"] },
+        ]),
+    )
+    .await;
+    // Wait until the ConfigMap rule is in force, so a 403 below is about Secrets.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), env.staging.name());
+    chatgate_tests::wait_until(TIMEOUT, "the role to take effect", || {
+        let config_maps = config_maps.clone();
+        async move {
+            match config_maps.get_opt("probe").await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+                Err(e) => Err(anyhow::anyhow!(e)),
+            }
+        }
+    })
+    .await
+    .expect("the role takes effect");
+
+    let staging = create(
+        &env.staging.api::<ChatService>(cp.client()),
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("a 403 is a finding, not an error");
+    let keys: BTreeSet<String> = v.config_problems.iter().map(|p| p.key.clone()).collect();
+    assert_eq!(
+        keys,
+        [
+            "CHATGATE_DATABASE_URL",
+            "CHATGATE_JWT_SECRET",
+            "CHATGATE_LLM_API_KEY"
+        ]
+        .map(String::from)
+        .into()
+    );
+    for p in &v.config_problems {
+        assert!(p.fix.contains("`get` on secrets"), "{p}");
+    }
+}
