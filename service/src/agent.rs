@@ -1060,6 +1060,18 @@ impl Run {
         }
     }
 
+    /// Like [`emit`](Self::emit), for the last event of a run whose outcome is settled.
+    async fn emit_uncancellable(&self, event: ServerEvent) -> Result<(), Stop> {
+        let grace = self.supervisor.inner.slow_client_grace;
+        match tokio::time::timeout(grace, self.out.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(event);
+                Ok(())
+            }
+            Ok(Err(_)) | Err(_) => Err(Stop::ClientGone),
+        }
+    }
+
     async fn steps(&self) -> Result<(), Stop> {
         let run_id = &self.run_id;
         let inner = &self.supervisor.inner;
@@ -1117,6 +1129,9 @@ impl Run {
         let stream = tokio::select! {
             biased;
             _ = self.token.cancelled() => return Err(Stop::Cancelled),
+            // A client that went away while the provider thinks frees its run now,
+            // not at the next event.
+            _ = self.out.closed() => return Err(Stop::ClientGone),
             stream = inner.llm.stream_reply(&request) => stream,
         };
         let mut stream = match stream {
@@ -1128,6 +1143,7 @@ impl Run {
             let item = tokio::select! {
                 biased;
                 _ = self.token.cancelled() => return Err(Stop::Cancelled),
+                _ = self.out.closed() => return Err(Stop::ClientGone),
                 item = stream.next() => item,
             };
             match item {
@@ -1166,7 +1182,9 @@ impl Run {
             .await
         {
             Ok(stored) => {
-                self.emit(ServerEvent::AgentCompleted {
+                // The reply is stored: a cancel arriving now is too late, and the
+                // client must hear that the run completed, not that it was cancelled.
+                self.emit_uncancellable(ServerEvent::AgentCompleted {
                     run_id: run_id.clone(),
                     thread_id: self.thread_id.clone(),
                     message_id: stored.message_id,

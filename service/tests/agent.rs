@@ -625,8 +625,8 @@ async fn a_client_that_stops_reading_stops_its_run_without_blocking_anyone() {
 }
 
 #[tokio::test]
-async fn a_closed_connection_stops_its_run() {
-    let fixture = Fixture::start(Scenario::Gated(vec!["rest".into()])).await;
+async fn a_closed_connection_stops_its_run_while_the_provider_stalls() {
+    let fixture = Fixture::start(Scenario::Stall).await;
     let h = Harness::openai(&fixture).await;
     let mut alice = Client::new("alice");
     alice.say(&h, "hello", None, None).await;
@@ -636,7 +636,6 @@ async fn a_closed_connection_stops_its_run() {
         }
     }
     drop(alice);
-    fixture.release();
     tokio::time::timeout(PATIENCE, h.supervisor.wait_idle())
         .await
         .unwrap();
