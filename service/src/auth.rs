@@ -53,7 +53,9 @@ pub struct DevToken {
 
 #[derive(Deserialize)]
 struct Subject {
-    sub: String,
+    // Optional here so a token without `sub` is reported as a missing claim by
+    // validation, not as a malformed token.
+    sub: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -144,7 +146,7 @@ impl JwtVerifier {
         };
         let data = jsonwebtoken::decode::<Subject>(token, key, &inner.validation)
             .map_err(AuthError::from_jwt)?;
-        let sub = data.claims.sub;
+        let sub = data.claims.sub.ok_or(AuthError::MissingClaim)?;
         if sub.is_empty() || sub.len() > MAX_SUBJECT_LEN || sub.chars().any(char::is_control) {
             return Err(AuthError::BadSubject);
         }
