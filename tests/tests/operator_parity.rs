@@ -1,19 +1,29 @@
 //! Configuration validation and production parity against a real API server with
-//! RBAC on: the operator's `validation::check` reads the referenced Secrets,
-//! ConfigMaps and the baseline with exactly the permissions the chart grants, and
-//! reports what is missing by name.
+//! RBAC on. First the operator's `validation::check` on its own: it reads the
+//! referenced Secrets, ConfigMaps and the baseline with only `get`, and reports what
+//! is missing by name. Then the whole operator, in-process: a staging ChatService out
+//! of parity stalls while the previous rollout keeps serving, and creating what was
+//! missing (a Secret key, the baseline) clears the condition through the watches,
+//! without touching the ChatService and long before any periodic resync.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use chatgate_contract::config::ProblemKind;
+use chatgate_operator::conditions::{self, reason};
+use chatgate_operator::controller::system_clock;
 use chatgate_operator::crd::ChatService;
+use chatgate_operator::run::{Health, Options};
 use chatgate_operator::validation::{self, BASELINE_FIELD, Validation};
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use serde_json::json;
 
@@ -151,11 +161,16 @@ where
 
 /// `(key, rule)` of every problem, configuration and parity.
 fn found(v: &Validation) -> BTreeSet<(String, &'static str)> {
-    v.all_problems().map(|p| (p.key.clone(), p.kind.rule())).collect()
+    v.all_problems()
+        .map(|p| (p.key.clone(), p.kind.rule()))
+        .collect()
 }
 
 fn set(items: &[(&str, ProblemKind)]) -> BTreeSet<(String, &'static str)> {
-    items.iter().map(|(k, p)| (k.to_string(), p.rule())).collect()
+    items
+        .iter()
+        .map(|(k, p)| (k.to_string(), p.rule()))
+        .collect()
 }
 
 /// A production and a staging namespace, with production's ChatService in place.
@@ -435,4 +450,351 @@ async fn without_read_access_to_secrets_the_problem_names_the_permission() {
     for p in &v.config_problems {
         assert!(p.fix.contains("`get` on secrets"), "{p}");
     }
+}
+
+/// An operator running in-process, scoped to one namespace, without leader election
+/// and with a resync far longer than any test: whatever it re-checks within a test,
+/// a watch made it re-check.
+struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Operator {
+    async fn start(client: Client, namespace: &str) -> Operator {
+        let options = Options {
+            namespace: Some(namespace.to_owned()),
+            http: String::new(),
+            resync_seconds: 3600,
+            leader_election: false,
+            identity: Some("parity-test".into()),
+            concurrency: 2,
+            ..Options::default()
+        };
+        let health = Arc::new(Health::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(chatgate_operator::run::run(
+            client,
+            options,
+            health.clone(),
+            system_clock(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        chatgate_tests::wait_until(TIMEOUT, "the operator's watches to sync", || {
+            let health = health.clone();
+            async move { Ok((health.is_leader() && health.is_ready().0).then_some(())) }
+        })
+        .await
+        .expect("the operator starts");
+        Operator {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn condition<'a>(cs: &'a ChatService, type_: &str) -> Option<&'a Condition> {
+    cs.status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, type_))
+}
+
+/// `type_` has `status` for the ChatService's current generation.
+fn condition_now(type_: &'static str, status: &'static str) -> impl Fn(&ChatService) -> bool {
+    move |cs: &ChatService| {
+        let generation = cs.metadata.generation;
+        cs.status
+            .as_ref()
+            .is_some_and(|s| s.observed_generation == generation)
+            && condition(cs, type_)
+                .is_some_and(|c| c.status == status && c.observed_generation == generation)
+    }
+}
+
+/// Secrets a complete staging spec references, all present.
+async fn staging_secrets(cp: &ControlPlane, ns: &TestNamespace) {
+    let secrets = ns.api::<Secret>(cp.client());
+    create(
+        &secrets,
+        &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
+    )
+    .await;
+    create(&secrets, &secret("chat-db", &[("url", "sqlite::memory:")])).await;
+    create(&secrets, &secret("chat-llm", &[("api-key", "sk-1")])).await;
+}
+
+/// Names of the pods of a Deployment's current ReplicaSets, with their template hash.
+async fn pods(cp: &ControlPlane, ns: &TestNamespace) -> BTreeSet<(String, String)> {
+    ns.api::<Pod>(cp.client())
+        .list(&ListParams::default())
+        .await
+        .expect("pods list")
+        .items
+        .into_iter()
+        .map(|p| {
+            let hash = p
+                .labels()
+                .get("pod-template-hash")
+                .cloned()
+                .unwrap_or_default();
+            (p.name_any(), hash)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_staging_stalls_and_the_previous_rollout_keeps_serving() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "op-seed").await;
+    staging_secrets(cp, &env.staging).await;
+    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let chat_services = env.staging.api::<ChatService>(cp.client());
+    let good = create(
+        &chat_services,
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+    wait_for(
+        &chat_services,
+        "chat",
+        ROLLOUT_TIMEOUT,
+        condition_now(conditions::READY, "True"),
+    )
+    .await
+    .expect("the complete staging configuration rolls out");
+    let deployments = env.staging.api::<Deployment>(cp.client());
+    let before = deployments.get("chat").await.expect("the Deployment");
+    let serving = pods(cp, &env.staging).await;
+    assert!(!serving.is_empty());
+
+    // The outage: staging loses the LLM key reference production has.
+    chat_services
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "llm": { "apiKeySecretRef": null } } })),
+        )
+        .await
+        .expect("the spec changes");
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::STALLED, "True"),
+    )
+    .await
+    .expect("the ChatService stalls");
+    let config_valid = condition(&stalled, conditions::CONFIG_VALID).expect("ConfigValid");
+    assert_eq!(config_valid.status, "False");
+    assert!(
+        config_valid.message.contains("CHATGATE_LLM_API_KEY"),
+        "{config_valid:?}"
+    );
+    let parity = condition(&stalled, conditions::PARITY_OK).expect("ParityOK");
+    assert_eq!(parity.status, "False");
+    assert!(
+        parity.message.contains("CHATGATE_LLM_API_KEY"),
+        "{parity:?}"
+    );
+    let problems = &stalled.status.as_ref().expect("status").problems;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.key == "CHATGATE_LLM_API_KEY" && p.rule == "parity:present"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        stalled.status.as_ref().and_then(|s| s.applied_generation),
+        good.metadata.generation
+    );
+
+    // Nothing of the new configuration was rolled out: same Deployment, same pods.
+    let after = deployments.get("chat").await.expect("the Deployment");
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    assert_eq!(after.spec, before.spec);
+    assert_eq!(pods(cp, &env.staging).await, serving);
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_the_missing_secret_key_clears_config_valid_without_touching_the_chatservice() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "op-key").await;
+    let secrets = env.staging.api::<Secret>(cp.client());
+    create(
+        &secrets,
+        &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
+    )
+    .await;
+    create(&secrets, &secret("chat-db", &[("url", "sqlite::memory:")])).await;
+    create(&secrets, &secret("chat-llm", &[("apikey", "sk-1")])).await;
+    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let chat_services = env.staging.api::<ChatService>(cp.client());
+    create(
+        &chat_services,
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::CONFIG_VALID, "False"),
+    )
+    .await
+    .expect("the missing key is found");
+    let config_valid = condition(&stalled, conditions::CONFIG_VALID).unwrap();
+    assert_eq!(config_valid.reason, reason::MISSING_REFERENCE);
+    assert!(
+        config_valid.message.contains("has no such key"),
+        "{config_valid:?}"
+    );
+    assert!(condition_now(conditions::STALLED, "True")(&stalled));
+
+    secrets
+        .patch(
+            "chat-llm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "api-key": "sk-1" } })),
+        )
+        .await
+        .expect("the key is added");
+    let valid = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::CONFIG_VALID, "True"),
+    )
+    .await
+    .expect("the Secret's change re-checks the ChatService");
+    assert_eq!(valid.metadata.generation, stalled.metadata.generation);
+    assert_eq!(valid.spec, stalled.spec);
+    assert!(condition(&valid, conditions::STALLED).is_none());
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_the_missing_baseline_clears_parity_without_touching_staging() {
+    let cp = ControlPlane::shared().await;
+    ensure_crd(&cp.client()).await;
+    let production = TestNamespace::new(cp, "op-late-prd").await.unwrap();
+    let staging = TestNamespace::new(cp, "op-late-stg").await.unwrap();
+    staging_secrets(cp, &staging).await;
+    let operator = Operator::start(cp.client(), staging.name()).await;
+    let chat_services = staging.api::<ChatService>(cp.client());
+    create(
+        &chat_services,
+        &chat_service("chat", staging_spec(production.name())),
+    )
+    .await;
+    let missing = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::PARITY_OK, "False"),
+    )
+    .await
+    .expect("the missing baseline is found");
+    assert_eq!(
+        condition(&missing, conditions::PARITY_OK).unwrap().reason,
+        reason::BASELINE_MISSING
+    );
+
+    create(
+        &production.api::<ChatService>(cp.client()),
+        &chat_service("chat", production_spec()),
+    )
+    .await;
+    let in_parity = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::PARITY_OK, "True"),
+    )
+    .await
+    .expect("the baseline's creation re-checks staging");
+    assert_eq!(in_parity.metadata.generation, missing.metadata.generation);
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parity_warn_rolls_out_and_enforce_stalls() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "op-mode").await;
+    staging_secrets(cp, &env.staging).await;
+    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let chat_services = env.staging.api::<ChatService>(cp.client());
+    // A `match` key drifts: staging runs the built-in agent, production OpenAI.
+    let mut spec = staging_spec(env.production.name());
+    spec["llm"]["provider"] = json!("builtin");
+    spec["parity"]["mode"] = json!("Warn");
+    create(&chat_services, &chat_service("chat", spec)).await;
+
+    let warned = wait_for(
+        &chat_services,
+        "chat",
+        ROLLOUT_TIMEOUT,
+        condition_now(conditions::READY, "True"),
+    )
+    .await
+    .expect("Warn rolls out");
+    let parity = condition(&warned, conditions::PARITY_OK).expect("ParityOK");
+    assert_eq!(
+        (parity.status.as_str(), parity.reason.as_str()),
+        ("False", reason::PARITY_VIOLATION)
+    );
+    assert!(
+        parity.message.contains("CHATGATE_LLM_PROVIDER"),
+        "{parity:?}"
+    );
+    assert!(condition(&warned, conditions::STALLED).is_none());
+    let deployments = env.staging.api::<Deployment>(cp.client());
+    let before = deployments.get("chat").await.expect("the Deployment");
+
+    chat_services
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "parity": { "mode": "Enforce" } } })),
+        )
+        .await
+        .expect("the mode changes");
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::STALLED, "True"),
+    )
+    .await
+    .expect("Enforce stalls");
+    assert_eq!(
+        condition(&stalled, conditions::STALLED).unwrap().reason,
+        reason::PARITY_VIOLATION
+    );
+    assert_eq!(
+        condition(&stalled, conditions::CONFIG_VALID).map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert_eq!(
+        deployments.get("chat").await.expect("the Deployment").spec,
+        before.spec
+    );
+    operator.stop().await;
 }
