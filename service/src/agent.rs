@@ -657,10 +657,10 @@ impl AgentSupervisor {
 
     /// Cancels `user_id`'s run `run_id`. False when no such run of this user is going.
     pub fn cancel_run(&self, user_id: &str, run_id: &str) -> bool {
-        let shard = self.shard(user_id);
-        let Ok(guard) = shard.lock() else {
-            return false;
-        };
+        let guard = self
+            .shard(user_id)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match guard
             .users
             .get(user_id)
@@ -797,6 +797,7 @@ impl AgentSupervisor {
             supervisor: self.clone(),
             user_id: user_id.into(),
             run_id: run_id.clone(),
+            refund: false,
         };
 
         let posted = self
@@ -957,21 +958,21 @@ struct Registration {
     supervisor: AgentSupervisor,
     user_id: Box<str>,
     run_id: Arc<str>,
+    /// Give the rate-limit slot back when unregistering.
+    refund: bool,
 }
 
 impl Registration {
     /// Unregisters a run that will not execute; `refund` gives the rate-limit slot back.
-    fn abandon(self, refund: bool) {
-        self.supervisor
-            .unregister(&self.user_id, &self.run_id, refund);
-        std::mem::forget(self);
+    fn abandon(mut self, refund: bool) {
+        self.refund = refund;
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.supervisor
-            .unregister(&self.user_id, &self.run_id, false);
+            .unregister(&self.user_id, &self.run_id, self.refund);
     }
 }
 

@@ -357,6 +357,25 @@ async fn runs_over_the_per_user_limit_are_refused_but_pings_are_not() {
 }
 
 #[tokio::test]
+async fn a_message_that_never_runs_does_not_use_up_the_limit() {
+    let h = Harness::new(LlmClient::builtin(), 1).await;
+    let mut alice = Client::new("alice");
+    alice
+        .say(&h, "into the void", Some("no-such-thread"), None)
+        .await;
+    assert_eq!(error_code(&alice.next().await), ErrorCode::NotFound);
+    alice.say(&h, "a real one", None, None).await;
+    let events = alice.until_run_ends().await;
+    assert_eq!(
+        events.last().unwrap().kind(),
+        "agent_completed",
+        "{events:?}"
+    );
+    alice.say(&h, "over the limit", None, None).await;
+    assert_eq!(error_code(&alice.next().await), ErrorCode::RateLimited);
+}
+
+#[tokio::test]
 async fn the_owner_can_cancel_a_run_and_others_cannot() {
     let fixture = Fixture::start(Scenario::Stall).await;
     let h = Harness::openai(&fixture).await;
