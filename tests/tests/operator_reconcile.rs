@@ -1,0 +1,536 @@
+//! The operator against the real control plane: children with the gate wired,
+//! rollouts through Reconciling to Ready, refusals at admission and by validation,
+//! startup failures named on the status, and garbage collection of children.
+//!
+//! Each test runs its own operator in-process, scoped to the test's namespace, with
+//! leader election on a Lease there. Pods run on kwok's fake nodes, so they become
+//! Running and Ready without containers.
+
+mod operator_support;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use chatgate_contract::Environment;
+use chatgate_operator::conditions::{self, reason};
+use chatgate_operator::crd::{ChatService, SecretKeyRef};
+use chatgate_operator::meta;
+use chatgate_tests::wait::pod_ready;
+use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_for_deletion, wait_until};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use operator_support::*;
+use serde_json::json;
+
+const JWT_SECRET: &str = "a-test-secret-of-at-least-thirty-two-bytes";
+
+fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = cp.kubectl().args(args).output().expect("running kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn merge_spec(
+    api: &Api<ChatService>,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<ChatService> {
+    Ok(api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_gets_children_with_exactly_the_gate_wiring_and_becomes_ready() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = restricted_namespace(cp, "op-sample").await?;
+    // The operator runs as the chart's ServiceAccount: its RBAC must be enough.
+    install_chart_rbac(cp, ns.name())?;
+    let mut op = Operator::start(
+        cp.client_as_service_account(ns.name(), OPERATOR_SA),
+        ns.name(),
+        "only",
+    );
+    op.wait_leading(TIMEOUT).await?;
+
+    let admin = cp.client();
+    let cs = ChatService::test("chat")
+        .replicas(2)
+        .startup(30, 3)
+        .drain_seconds(7)
+        .build();
+    create(&admin, ns.name(), &cs).await?;
+
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let d = wait_for(&deployments, "chat", TIMEOUT, |_| true).await?;
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    let startup = c.startup_probe.as_ref().unwrap();
+    assert_eq!(
+        startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/health/startup")
+    );
+    assert_eq!(
+        startup.failure_threshold.unwrap() * startup.period_seconds.unwrap(),
+        30
+    );
+    assert_eq!(startup.period_seconds, Some(3));
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/health/ready")
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/health/live")
+    );
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+    assert_eq!(
+        c.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    assert_eq!(
+        c.lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap()
+            .sleep
+            .as_ref()
+            .unwrap()
+            .seconds,
+        5
+    );
+    assert!(pod.termination_grace_period_seconds.unwrap() >= 5 + 7);
+    let ru = d
+        .spec
+        .as_ref()
+        .unwrap()
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+    let owner = &d.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("ChatService", Some(true))
+    );
+    assert_eq!(
+        d.metadata.managed_fields.as_ref().unwrap()[0]
+            .manager
+            .as_deref(),
+        Some(meta::FIELD_MANAGER)
+    );
+
+    let services: Api<Service> = ns.api(admin.clone());
+    let config_maps: Api<ConfigMap> = ns.api(admin.clone());
+    let pdbs: Api<PodDisruptionBudget> = ns.api(admin.clone());
+    wait_for(&services, "chat", TIMEOUT, |_| true).await?;
+    let cm = wait_for(&config_maps, "chat-config", TIMEOUT, |_| true).await?;
+    assert_eq!(cm.data.as_ref().unwrap()["CHATGATE_ENV"], "development");
+    wait_for(&pdbs, "chat", TIMEOUT, |_| true).await?;
+
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let ready = wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let status = ready.status.as_ref().unwrap();
+    assert_eq!(status.replicas_ready.as_deref(), Some("2/2"));
+    assert!(conditions::find(&status.conditions, conditions::RECONCILING).is_none());
+    assert!(conditions::find(&status.conditions, conditions::STALLED).is_none());
+    assert!(conditions::is_true(
+        &status.conditions,
+        conditions::CONFIG_VALID
+    ));
+    assert!(conditions::is_true(
+        &status.conditions,
+        conditions::STARTUP_COMPLETE
+    ));
+
+    // The real kubectl agrees (kstatus-style wait on the Ready condition).
+    kubectl_ok(
+        cp,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "chatservice/chat",
+            "-n",
+            ns.name(),
+            "--timeout=60s",
+        ],
+    );
+    let table = kubectl_ok(cp, &["get", "chatsvc", "chat", "-n", ns.name()]);
+    assert!(
+        table.contains("development") && table.contains("True") && table.contains("2/2"),
+        "{table}"
+    );
+
+    // Transitions were recorded as Events by the operator's account.
+    let events: Api<Event> = ns.api(admin.clone());
+    wait_until(TIMEOUT, "a Ready event for chat", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some(reason::READY)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("chat")
+                })
+                .then_some(()))
+        }
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_goes_through_reconciling_to_ready() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-rollout").await?;
+    let admin = cp.client();
+    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    op.wait_leading(TIMEOUT).await?;
+
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(2).build(),
+    )
+    .await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let first = wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+
+    let seen = Arc::new(Mutex::new(Vec::<(Option<i64>, bool, bool)>::new()));
+    let record = seen.clone();
+    let watching = tokio::spawn({
+        let api = chat_services.clone();
+        async move {
+            wait_for(&api, "chat", TIMEOUT, move |cs: &ChatService| {
+                let reconciling = condition_true_now(cs, conditions::RECONCILING);
+                record.lock().unwrap().push((
+                    cs.status.as_ref().and_then(|s| s.observed_generation),
+                    reconciling,
+                    ready_now(cs),
+                ));
+                cs.metadata.generation >= Some(2) && ready_now(cs)
+            })
+            .await
+        }
+    });
+    let changed = merge_spec(
+        &chat_services,
+        "chat",
+        json!({ "image": "ghcr.io/chatgate/chatgate-service:next" }),
+    )
+    .await?;
+    assert_eq!(
+        changed.metadata.generation,
+        Some(first.metadata.generation.unwrap() + 1)
+    );
+    let done = watching.await??;
+    let generation = done.metadata.generation;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|(g, reconciling, ready)| *g == generation && *reconciling && !*ready),
+        "Reconciling=True was never observed for generation {generation:?}: {seen:?}"
+    );
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let d = deployments.get("chat").await?;
+    assert_eq!(
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("ghcr.io/chatgate/chatgate-service:next")
+    );
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_is_refused_at_admission_with_the_cel_message() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-cel").await?;
+    let admin = cp.client();
+    let cs = ChatService::test("prod")
+        .in_env(Environment::Production)
+        .with_secret("s")
+        .replicas(1)
+        .build();
+    let err = create(&admin, ns.name(), &cs)
+        .await
+        .expect_err("a production ChatService with 1 replica is refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("a production ChatService needs at least 2 replicas"),
+        "{text}"
+    );
+    assert!(text.contains("spec.replicas"), "{text}");
+
+    let mut bad_budget = ChatService::test("budget").startup(31, 2).build();
+    bad_budget.metadata.name = Some("budget".into());
+    let err = create(&admin, ns.name(), &bad_budget)
+        .await
+        .expect_err("a budget that is not a multiple of the period is refused");
+    assert!(
+        format!("{err:#}").contains("must be a multiple of startup.periodSeconds"),
+        "{err:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_operator_rejects_leaves_the_old_deployment_and_stalls() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-reject").await?;
+    let admin = cp.client();
+    create_secret(
+        &admin,
+        ns.name(),
+        "chat-secrets",
+        &[
+            ("jwt-secret", JWT_SECRET),
+            ("database-url", "sqlite::memory:"),
+        ],
+    )
+    .await?;
+    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    op.wait_leading(TIMEOUT).await?;
+
+    let cs = ChatService::test("chat")
+        .in_env(Environment::Staging)
+        .with_secret("chat-secrets")
+        .replicas(1)
+        .build();
+    create(&admin, ns.name(), &cs).await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let good = wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let before = deployments.get("chat").await?;
+
+    // The LLM key now points at a Secret that does not exist.
+    let llm = SecretKeyRef {
+        name: "llm".into(),
+        key: "api-key".into(),
+    };
+    merge_spec(
+        &chat_services,
+        "chat",
+        json!({"llm": {"provider": "openai", "apiKeySecretRef": llm}}),
+    )
+    .await?;
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        stalled_now(reason::MISSING_REFERENCE),
+    )
+    .await?;
+    let message = &condition(&stalled, conditions::STALLED).unwrap().message;
+    assert!(message.contains("CHATGATE_LLM_API_KEY"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "generation {} keeps serving",
+            good.metadata.generation.unwrap()
+        )),
+        "{message}"
+    );
+    let ready = condition(&stalled, conditions::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason::MISSING_REFERENCE)
+    );
+    let status = stalled.status.as_ref().unwrap();
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.key == "CHATGATE_LLM_API_KEY"),
+        "{:?}",
+        status.problems
+    );
+    assert_eq!(status.applied_generation, good.metadata.generation);
+
+    let after = deployments.get("chat").await?;
+    assert_eq!(
+        after.metadata.generation, before.metadata.generation,
+        "the Deployment was not touched"
+    );
+    assert_eq!(after.spec, before.spec);
+
+    // Creating the Secret clears it without touching the ChatService.
+    create_secret(&admin, ns.name(), "llm", &[("api-key", "k")]).await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let rolled = deployments.get("chat").await?;
+    let env = rolled.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        env.iter().any(|e| e.name == "CHATGATE_LLM_API_KEY"),
+        "{env:?}"
+    );
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_failing_startup_is_named_on_the_status_and_printer_column() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-startup").await?;
+    let admin = cp.client();
+    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    op.wait_leading(TIMEOUT).await?;
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+
+    let pods: Api<Pod> = ns.api(admin.clone());
+    let pod = wait_until(TIMEOUT, "a ready pod of chat", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels(&format!("{}=chat", meta::LABEL_INSTANCE)))
+                .await?;
+            Ok(list.items.into_iter().find(pod_ready))
+        }
+    })
+    .await?;
+
+    // kwok runs no container, so the test writes what the kubelet would after the
+    // service exited with its termination message: through the status subresource.
+    let message = "phase=supervisor service=agent_supervisor: LLM API key missing";
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"containerStatuses": [{
+            "name": "chatgate",
+            "image": "ghcr.io/chatgate/chatgate-service:test",
+            "imageID": "",
+            "ready": false,
+            "started": false,
+            "restartCount": 3,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}},
+        }]}})),
+    )
+    .await?;
+
+    let want = format!(
+        "pod {}: agent supervisor missing: LLM API key missing",
+        pod.name_any()
+    );
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        stalled_now(reason::STARTUP_FAILED),
+    )
+    .await?;
+    assert_eq!(
+        condition(&stalled, conditions::STALLED).unwrap().message,
+        want
+    );
+    let ready = condition(&stalled, conditions::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.message.as_str()),
+        ("False", want.as_str())
+    );
+    let failure = &stalled.status.as_ref().unwrap().startup_failures[0];
+    assert_eq!(failure.phase.as_deref(), Some("supervisor"));
+    assert_eq!(failure.service.as_deref(), Some("agent_supervisor"));
+
+    // Wait on the status first (kwok may put the pod back to ready afterwards).
+    let table = kubectl_ok(cp, &["get", "chatservices", "-n", ns.name()]);
+    if table.contains("StartupFailed") {
+        assert!(
+            table.contains("agent supervisor missing: LLM API key missing"),
+            "{table}"
+        );
+    }
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_chat_service_removes_its_children() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-delete").await?;
+    let admin = cp.client();
+    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    op.wait_leading(TIMEOUT).await?;
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(2).build(),
+    )
+    .await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+
+    // Below two replicas the PodDisruptionBudget goes away.
+    let pdbs: Api<PodDisruptionBudget> = ns.api(admin.clone());
+    wait_for(&pdbs, "chat", TIMEOUT, |_| true).await?;
+    merge_spec(&chat_services, "chat", json!({"replicas": 1})).await?;
+    wait_for_deletion(&pdbs, "chat", TIMEOUT).await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+
+    chat_services
+        .delete("chat", &DeleteParams::default())
+        .await?;
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let services: Api<Service> = ns.api(admin.clone());
+    let config_maps: Api<ConfigMap> = ns.api(admin.clone());
+    wait_for_deletion(&deployments, "chat", TIMEOUT).await?;
+    wait_for_deletion(&services, "chat", TIMEOUT).await?;
+    wait_for_deletion(&config_maps, "chat-config", TIMEOUT).await?;
+    op.stop().await;
+    Ok(())
+}
