@@ -18,7 +18,7 @@ use kube::{CustomResourceExt, ResourceExt};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Exit code: nothing blocks a rollout.
@@ -100,28 +100,28 @@ pub fn run(args: &ValidateArgs) -> i32 {
         Ok(())
     })();
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        say_err(&format!("error: {e}"));
         return EXIT_UNREADABLE;
     }
     if inputs.chat_services.is_empty() {
-        eprintln!(
-            "error: no ChatService (apiVersion chatgate.dev/v1alpha1) among the inputs; pass the manifests `kustomize build` or `helm template` print"
+        say_err(
+            "error: no ChatService (apiVersion chatgate.dev/v1alpha1) among the inputs; pass the manifests `kustomize build` or `helm template` print",
         );
         return EXIT_UNREADABLE;
     }
     let report = inputs.report();
     match args.output {
-        OutputFormat::Table => print!("{}", report.table()),
+        OutputFormat::Table => say(&report.table()),
         OutputFormat::Json => match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => say(&format!("{json}\n")),
             Err(e) => {
-                eprintln!("error: cannot print JSON: {e}");
+                say_err(&format!("error: cannot print JSON: {e}"));
                 return EXIT_UNREADABLE;
             }
         },
     }
     for note in &report.notes {
-        eprintln!("note: {note}");
+        say_err(&format!("note: {note}"));
     }
     if report
         .problems
@@ -134,29 +134,43 @@ pub fn run(args: &ValidateArgs) -> i32 {
     }
 }
 
+/// Prints to standard output. A closed pipe (`validate ... | head`) is not an error
+/// worth a panic: the reader has what it wanted, and the exit code still tells.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Prints one line to standard error, never panicking.
+fn say_err(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 fn explain(key: &str) -> i32 {
     if key.is_empty() {
         let width = KEYS.iter().map(|k| k.key.len()).max().unwrap_or(0);
         for k in KEYS {
-            println!(
-                "{:width$}  {:7}  {}",
+            say(&format!(
+                "{:width$}  {:7}  {}\n",
                 k.key,
                 k.parity.as_str(),
                 k.description
-            );
+            ));
         }
         return EXIT_CLEAN;
     }
     match config::explain(key) {
         Some(text) => {
-            println!("{text}");
+            say(&format!("{text}\n"));
             EXIT_CLEAN
         }
         None => {
             let hint = config::closest(key, KEYS.iter().map(|k| k.key))
                 .map(|k| format!("did you mean {k}?"))
                 .unwrap_or_else(|| "run `--explain` without a key to list them".into());
-            eprintln!("error: `{key}` is not a chatgate configuration key; {hint}");
+            say_err(&format!(
+                "error: `{key}` is not a chatgate configuration key; {hint}"
+            ));
             EXIT_UNREADABLE
         }
     }
@@ -781,6 +795,47 @@ mod tests {
         assert_eq!(err.file, "m.yaml");
         assert!((4..=6).contains(&line), "{err}");
         assert!(column >= 1, "{err}");
+    }
+
+    const RENDERED: &str = include_str!("../tests/fixtures/rendered-staging.yaml");
+    const PRODUCTION: &str = include_str!("../tests/fixtures/production.yaml");
+
+    fn read_and_report(text: &str) {
+        let mut inputs = Inputs::default();
+        if inputs.read_manifests("x.yaml", text, "default").is_ok() {
+            let report = inputs.report();
+            let _ = report.table();
+            let _ = serde_json::to_string(&report);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reading_arbitrary_text_never_panics(text in ".{0,300}") {
+            read_and_report(&text);
+        }
+
+        #[test]
+        fn reading_a_damaged_manifest_never_panics(
+            at in 0usize..4000,
+            junk in proptest::sample::select(vec![
+                "", ":", "\n---\n", "  ", "- ", "{", "]", "\"", "&a ", "*a", "!!int ", "~", "\t",
+                "\nspec: 3\n", "\nkind: ChatService\n", "\napiVersion: chatgate.dev/v1\n",
+            ]),
+            cut in 0usize..40,
+        ) {
+            let text = format!("{PRODUCTION}---\n{RENDERED}");
+            let mut at = at.min(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mut end = (at + cut).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let damaged = format!("{}{junk}{}", &text[..at], &text[end..]);
+            read_and_report(&damaged);
+        }
     }
 
     #[test]
