@@ -406,7 +406,7 @@ impl ThreadStore {
             .map_err(|_| StoreError::Unavailable {
                 target: target.to_string(),
                 message: format!(
-                    "no answer within {}s; retrying until the database accepts connections",
+                    "no answer within {}s; the database may still be starting — if this persists, check the host and port in {DATABASE_URL_KEY}",
                     CONNECT_TIMEOUT.as_secs()
                 ),
                 transient: true,
@@ -832,7 +832,9 @@ fn classify(target: &str, e: sqlx::Error, backend: Backend) -> StoreError {
         // network to it) may simply not be up yet.
         sqlx::Error::Io(io) => (
             true,
-            format!("cannot connect ({io}); retrying until the database accepts connections"),
+            format!(
+                "cannot connect ({io}); the database may still be starting — if this persists, check the host and port in {DATABASE_URL_KEY}"
+            ),
         ),
         sqlx::Error::PoolTimedOut => (
             true,
