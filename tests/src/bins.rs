@@ -91,12 +91,12 @@ pub fn ensure_binaries() -> Result<PathBuf> {
         return Ok(bin_dir());
     }
     let script = build_script();
-    eprintln!(
-        "chatgate-tests: Kubernetes v{K8S_VERSION} binaries missing ({}); building them with {} \
+    crate::progress(&format!(
+        "Kubernetes v{K8S_VERSION} binaries missing ({}); building them with {} \
          (first run on this machine only; takes several minutes)",
         missing.join(", "),
         script.display()
-    );
+    ));
     let status = Command::new("bash")
         .arg(&script)
         .env("K8S_VERSION", K8S_VERSION)

@@ -38,7 +38,7 @@ pub const ADMIN_USER: &str = "chatgate-admin";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const START_ATTEMPTS: usize = 2;
 /// How many log lines per process a failure report shows.
-const LOG_TAIL_LINES: usize = 40;
+const LOG_TAIL_LINES: usize = 25;
 /// Prefix of the per-start working directory under the system temp dir.
 const DIR_PREFIX: &str = "chatgate-cp-";
 
@@ -104,9 +104,9 @@ impl ControlPlane {
             match Self::start_once(&options, &bin_dir).await {
                 Ok(cp) => return Ok(cp),
                 Err(e) => {
-                    eprintln!(
-                        "chatgate-tests: control plane start attempt {attempt}/{START_ATTEMPTS} failed: {e:#}"
-                    );
+                    crate::progress(&format!(
+                        "control plane start attempt {attempt}/{START_ATTEMPTS} failed: {e:#}"
+                    ));
                     last_error = Some(e);
                 }
             }
@@ -389,17 +389,8 @@ impl Drop for Starting {
 }
 
 impl Starting {
-    async fn run(&mut self, options: &ControlPlaneOptions, bin_dir: &Path) -> Result<Ready> {
-        let dir = self.dir.clone();
-        self.run_inner(options, bin_dir, &dir).await
-    }
-
-    async fn run_inner(
-        &mut self,
-        options: &ControlPlaneOptions,
-        bin: &Path,
-        dir: &Path,
-    ) -> Result<Ready> {
+    async fn run(&mut self, options: &ControlPlaneOptions, bin: &Path) -> Result<Ready> {
+        let dir = &self.dir.clone();
         let [etcd_port, etcd_peer_port, api_port, kcm_port, sched_port]: [u16; 5] =
             free_loopback_ports(5)?
                 .try_into()
@@ -752,12 +743,12 @@ mod shared {
                     .map_err(|e| format!("{e:#}"));
                 if let Ok(cp) = &result {
                     install_exit_hooks();
-                    eprintln!(
-                        "chatgate-tests: control plane ready at {} in {:.1}s (kubeconfig {})",
+                    crate::progress(&format!(
+                        "control plane ready at {} in {:.1}s (kubeconfig {})",
                         cp.server_url(),
                         started.elapsed().as_secs_f64(),
                         cp.kubeconfig_path().display()
-                    );
+                    ));
                 }
                 result
             })

@@ -29,3 +29,11 @@ pub use local::{LocalCluster, connect_or_start};
 pub use namespace::TestNamespace;
 pub use node_agent::{AgentNode, NodeAgent};
 pub use wait::{WaitError, wait_for, wait_for_deletion, wait_until};
+
+/// Reports progress straight to the process's stderr. `eprintln!` inside a test is
+/// captured and shown only on failure; a minutes-long build or the control
+/// plane's start time should be visible as it happens.
+pub(crate) fn progress(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "chatgate-tests: {message}");
+}

@@ -626,3 +626,39 @@ async fn killing_the_cluster_command_outright_leaves_no_orphans() {
     // (it removes directories of dead runs). Tidy up here instead.
     let _ = std::fs::remove_dir_all(kubeconfig.parent().unwrap());
 }
+
+#[tokio::test]
+async fn ctrl_c_while_the_cluster_is_starting_stops_what_had_started() {
+    let mut cluster = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatgate-cluster"))
+        .args(["--nodes", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting chatgate-cluster");
+    let pid = cluster.id().unwrap();
+    // Interrupt as soon as the first process (etcd) runs.
+    let started = wait_until(TIMEOUT, "chatgate-cluster to start etcd", || {
+        let children = live_children(pid);
+        async move { Ok((!children.is_empty()).then_some(children)) }
+    })
+    .await
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let status = tokio::time::timeout(TIMEOUT, cluster.wait())
+        .await
+        .expect("chatgate-cluster exits after Ctrl-C")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let left: Vec<u32> = started.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
+    let prefix = format!("chatgate-cp-{pid}-");
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}

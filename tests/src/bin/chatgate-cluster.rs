@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use chatgate_tests::{ControlPlane, ControlPlaneOptions, LocalCluster, local};
 use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,19 +44,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
-    let cluster = if args.reuse_existing {
-        match local::reachable_cluster().await {
-            Some(config) => {
-                eprintln!(
-                    "chatgate-cluster: using the reachable cluster at {}",
-                    config.cluster_url
-                );
-                LocalCluster::Existing(Box::new(config))
-            }
-            None => start(&args).await?,
+    // Listen before starting anything: a Ctrl-C during the start must stop what
+    // has been started, not kill this process and leave the rest to the kernel.
+    let mut shutdown = Shutdown::listen()?;
+    let cluster = tokio::select! {
+        cluster = start_or_reuse(&args) => cluster?,
+        _ = shutdown.requested() => {
+            eprintln!("chatgate-cluster: interrupted while starting; stopped what had started");
+            return Ok(ExitCode::from(130));
         }
-    } else {
-        start(&args).await?
     };
 
     if let (Some(out), Some(path)) = (&args.kubeconfig_out, cluster.kubeconfig_path()) {
@@ -81,7 +78,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             .with_context(|| format!("starting {}", args.command.join(" ")))?;
         let status = tokio::select! {
             status = child.wait() => status?,
-            _ = shutdown_signal() => {
+            _ = shutdown.requested() => {
                 // The command shares our terminal and got the same Ctrl-C; give it
                 // the chance to exit on its own before the cluster goes away.
                 child.wait().await?
@@ -112,14 +109,23 @@ async fn run(args: Args) -> Result<ExitCode> {
             "chatgate-cluster: logs in {}/logs; press Ctrl-C to stop",
             cp.dir().display()
         );
-        shutdown_signal().await;
+        shutdown.requested().await;
         eprintln!("chatgate-cluster: stopping");
         drop(cluster);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn start(args: &Args) -> Result<LocalCluster> {
+async fn start_or_reuse(args: &Args) -> Result<LocalCluster> {
+    if args.reuse_existing
+        && let Some(config) = local::reachable_cluster().await
+    {
+        eprintln!(
+            "chatgate-cluster: using the reachable cluster at {}",
+            config.cluster_url
+        );
+        return Ok(LocalCluster::Existing(Box::new(config)));
+    }
     eprintln!("chatgate-cluster: starting a local control plane");
     let cp = ControlPlane::start(ControlPlaneOptions {
         fake_nodes: args.nodes,
@@ -128,12 +134,25 @@ async fn start(args: &Args) -> Result<LocalCluster> {
     Ok(LocalCluster::Started(Box::new(cp)))
 }
 
-/// Ctrl-C or SIGTERM, whichever comes first.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Ctrl-C (SIGINT) or SIGTERM, whichever comes first. The handlers are installed
+/// when this is made, so a signal is never lost to the default action.
+struct Shutdown {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Shutdown {
+    fn listen() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
