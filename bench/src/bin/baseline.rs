@@ -1,8 +1,13 @@
-//! A bare axum WebSocket ping/pong server — no authentication, no state, default
-//! buffer sizes — that `make bench` runs beside the full service, so the report shows
-//! how far the service's auth, metrics, tracing and persistence move it from the floor.
+//! A bare axum WebSocket ping/pong server — no authentication, no state — that
+//! `make bench` runs beside the full service, so the report shows how far the
+//! service's auth, metrics, tracing and persistence move it from the floor.
 //!
 //! Usage: `chatgate-bench-baseline --listen 127.0.0.1:18082`
+//!
+//! Sockets get the buffer sizes the service uses (1 KiB read buffer, frames written
+//! as sent), so the two columns differ by what the service does, not by buffers.
+//! `BASELINE_DEFAULT_BUFFERS=1` keeps axum's defaults (128 KiB each) instead, to show
+//! what those cost.
 
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -39,8 +44,17 @@ fn listen_addr() -> anyhow::Result<SocketAddr> {
     }
 }
 
+/// The service's per-socket read buffer (`service/src/ws.rs`).
+const READ_BUFFER_BYTES: usize = 1024;
+
 async fn upgrade(upgrade: WebSocketUpgrade) -> impl IntoResponse {
-    upgrade.on_upgrade(serve)
+    if std::env::var_os("BASELINE_DEFAULT_BUFFERS").is_some_and(|v| v == "1") {
+        return upgrade.on_upgrade(serve);
+    }
+    upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .on_upgrade(serve)
 }
 
 async fn serve(mut socket: WebSocket) {
