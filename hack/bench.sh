@@ -59,6 +59,7 @@ fi
 # and the servers it starts inherit it.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+REVISION=$(git describe --always --dirty 2>/dev/null || echo unknown)
 mkdir -p "$TARGET_DIR/bench"
 exec "$TARGET_DIR/release/chatgate-bench" \
     "${SERVICE_ARGS[@]}" \
@@ -66,4 +67,5 @@ exec "$TARGET_DIR/release/chatgate-bench" \
     --peer-app-dir "$PEER_DIR" \
     --baseline-bin "$TARGET_DIR/release/chatgate-bench-baseline" \
     --json-out "$TARGET_DIR/bench/last.json" \
+    --revision "$REVISION" \
     "$@"

@@ -62,6 +62,9 @@ struct Args {
     /// Cold starts per server; the median is reported.
     #[arg(long, default_value_t = 5)]
     cold_starts: usize,
+    /// What was measured (e.g. `git describe --always --dirty`), kept in the report.
+    #[arg(long, default_value = "")]
+    revision: String,
     /// Rounds; each measures every server in turn, and the table shows the median
     /// of the rounds, so load that comes and goes on the machine hits every server.
     #[arg(long, default_value_t = 3)]
@@ -106,6 +109,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let settings = Settings {
+        revision: args.revision.clone(),
         rounds: args.rounds.max(1),
         ping_seconds: args.ping_seconds,
         ping_connections: args.ping_connections.clone(),
@@ -154,8 +158,12 @@ async fn run(args: Args) -> Result<()> {
         println!("{json}");
     } else {
         println!(
-            "machine: {} CPUs, {}; load average at start {}\n",
-            report.machine.cpus, report.machine.cpu_model, report.machine.load_average_at_start
+            "revision {}; machine: {} CPUs, {}; load average at start {}; median of {} rounds\n",
+            report.settings.revision,
+            report.machine.cpus,
+            report.machine.cpu_model,
+            report.machine.load_average_at_start,
+            report.settings.rounds,
         );
         println!("{}", report::render_table(&report));
     }

@@ -216,6 +216,7 @@ impl Machine {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    pub revision: String,
     pub rounds: usize,
     pub ping_seconds: f64,
     pub ping_connections: Vec<usize>,
@@ -438,6 +439,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            revision: String::new(),
             rounds: 1,
             ping_seconds: 1.0,
             ping_connections: vec![100],
