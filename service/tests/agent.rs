@@ -602,6 +602,27 @@ async fn a_broken_stream_mid_reply_stores_no_partial_reply() {
 }
 
 #[tokio::test]
+async fn a_store_failure_is_reported_without_its_details() {
+    let h = Harness::builtin().await;
+    let mut alice = Client::new("alice");
+    h.store.close().await;
+    alice.say(&h, "hello", None, None).await;
+    let failed = alice.next().await;
+    assert_eq!(error_code(&failed), ErrorCode::StorageUnavailable);
+    let text = serde_json::to_string(&failed).unwrap();
+    assert!(
+        !text.contains("sqlite") && !text.contains("chat.db"),
+        "{text}"
+    );
+    alice.send(&h, ClientRequest::ListThreads).await;
+    assert_eq!(
+        error_code(&alice.next().await),
+        ErrorCode::StorageUnavailable
+    );
+    assert_eq!(h.supervisor.active_runs(), 0);
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_stops_its_run_without_blocking_anyone() {
     let fixture = Fixture::start(Scenario::Echo).await;
     let llm = LlmClient::from_config("openai", Some("k".into()), &fixture.base_url, "m").unwrap();
