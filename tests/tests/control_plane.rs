@@ -56,6 +56,29 @@ async fn api_server_and_kubectl_report_the_built_kubernetes_version() {
 }
 
 #[tokio::test]
+async fn kubectl_and_helm_reach_the_cluster_through_the_shared_kubeconfig() {
+    let cp = ControlPlane::shared().await;
+    let nodes = cp
+        .kubectl()
+        .args(["get", "nodes", "-l", "type=kwok", "-o", "name"])
+        .output()
+        .expect("running kubectl");
+    assert!(nodes.status.success(), "{nodes:?}");
+    let listed = String::from_utf8(nodes.stdout).unwrap();
+    for node in cp.fake_nodes() {
+        assert!(listed.contains(&format!("node/{node}")), "{listed}");
+    }
+
+    let releases = cp
+        .helm()
+        .args(["list", "--all-namespaces", "-o", "json"])
+        .output()
+        .expect("running helm");
+    assert!(releases.status.success(), "{releases:?}");
+    assert_eq!(String::from_utf8_lossy(&releases.stdout).trim(), "[]");
+}
+
+#[tokio::test]
 async fn deployment_pods_become_running_and_ready_on_kwok_nodes() {
     let cp = ControlPlane::shared().await;
     let ns = TestNamespace::new(cp, "deploy").await.unwrap();
