@@ -5,6 +5,8 @@
 //! production baseline from the same inputs, and runs [`validation::evaluate`] — the
 //! very function the operator runs before a rollout — on each. Secrets and
 //! ConfigMaps among the inputs (or in `--secrets DIR`) stand in for the cluster's.
+//! What the API server would refuse on `kubectl apply` is reported too: fields the
+//! ChatService types do not have, and the CRD's CEL rules, run offline.
 //!
 //! Exit codes: 0 clean (warnings allowed), 1 a problem that would block the rollout,
 //! 2 input that cannot be read or parsed (reported with file, line and column).
@@ -224,11 +226,74 @@ struct ParsedChatService {
     origin: Origin,
     /// Manifest fields the ChatService types do not have (the API server drops them).
     unknown_fields: Vec<String>,
+    /// The CRD's CEL rules the manifest breaks (the API server would refuse it).
+    rule_violations: Vec<RuleViolation>,
+}
+
+/// One `x-kubernetes-validations` rule of the CRD that a manifest breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleViolation {
+    /// Field the rule is about, e.g. `spec.replicas`.
+    field: String,
+    message: String,
+    rule: String,
+}
+
+/// The CRD's `openAPIV3Schema` as JSON, and a CEL validator for its rules.
+struct CrdRules {
+    schema: serde_json::Value,
+    validator: kube_cel::Validator,
+}
+
+impl fmt::Debug for CrdRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CrdRules")
+    }
+}
+
+impl CrdRules {
+    fn new() -> Option<CrdRules> {
+        let crd = ChatService::crd();
+        let schema = crd
+            .spec
+            .versions
+            .first()?
+            .schema
+            .as_ref()?
+            .open_api_v3_schema
+            .as_ref()?;
+        Some(CrdRules {
+            schema: serde_json::to_value(schema).ok()?,
+            validator: kube_cel::Validator::new(),
+        })
+    }
+
+    /// Runs every CEL rule of the CRD on a manifest, with the schema's defaults
+    /// applied first, as the API server does on create.
+    fn check(&self, manifest: &serde_norway::Value) -> Vec<RuleViolation> {
+        let Ok(object) = serde_json::to_value(manifest) else {
+            return Vec::new(); // non-string keys: already refused by deserialization
+        };
+        match self.validator.validate(&self.schema, &object, None) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors
+                .as_slice()
+                .iter()
+                .map(|e| RuleViolation {
+                    field: e.field_path.trim_start_matches('.').to_string(),
+                    message: e.message.clone(),
+                    rule: e.rule.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Everything read from the inputs, by `(namespace, name)`.
 #[derive(Debug, Default)]
 struct Inputs {
+    /// Built on the first ChatService: compiling the rules is not free.
+    rules: Option<CrdRules>,
     chat_services: BTreeMap<(String, String), ParsedChatService>,
     config_maps: BTreeMap<(String, String), BTreeMap<String, String>>,
     secrets: BTreeMap<(String, String), SecretKeys>,
@@ -361,15 +426,25 @@ impl Inputs {
                         &mut record,
                     )
                     .map_err(|e| parse_error(&origin.file, doc, &e))?,
-                    None => serde_ignored::deserialize(value, &mut record).map_err(|e| {
-                        invalid(format!(
-                            "ChatService `{name}` does not match the schema: {e}"
-                        ))
-                    })?,
+                    None => {
+                        serde_ignored::deserialize(value.clone(), &mut record).map_err(|e| {
+                            invalid(format!(
+                                "ChatService `{name}` does not match the schema: {e}"
+                            ))
+                        })?
+                    }
                 };
                 if name.is_empty() {
                     return Err(invalid("a ChatService has no metadata.name".into()));
                 }
+                if self.rules.is_none() {
+                    self.rules = CrdRules::new();
+                }
+                let rule_violations = self
+                    .rules
+                    .as_ref()
+                    .map(|rules| rules.check(&value))
+                    .unwrap_or_default();
                 resource.metadata.namespace = Some(namespace.clone());
                 let key = (namespace, name);
                 if let Some(first) = self.chat_services.get(&key) {
@@ -384,6 +459,7 @@ impl Inputs {
                         resource,
                         origin: origin.clone(),
                         unknown_fields,
+                        rule_violations,
                     },
                 );
             }
@@ -467,9 +543,13 @@ impl Inputs {
                 .any(|ext| path.extension().is_some_and(|e| e == *ext))
             {
                 let text = std::fs::read_to_string(&path).map_err(|e| InputError::io(&shown, e))?;
-                let mut secrets_only = Inputs::default();
+                let mut secrets_only = Inputs {
+                    rules: self.rules.take(),
+                    ..Inputs::default()
+                };
                 secrets_only.read_manifests(&shown, &text, default_namespace)?;
                 self.secrets.extend(secrets_only.secrets);
+                self.rules = secrets_only.rules;
             }
         }
         Ok(())
@@ -537,10 +617,26 @@ impl Inputs {
                 .iter()
                 .map(|path| (unknown_field_problem(path, env), Severity::Error))
                 .collect();
+            rows.extend(parsed.rule_violations.iter().map(|v| {
+                let problem = Problem::new(
+                    &v.field,
+                    env,
+                    ProblemKind::Invalid,
+                    format!("{} (the API server refuses this manifest)", v.message),
+                    format!(
+                        "change the manifest so that the CRD rule `{}` holds",
+                        v.rule
+                    ),
+                );
+                (problem, Severity::Error)
+            }));
+            // A field the API server refuses is reported once, with the CRD's own message.
+            let refused = |key: &str| parsed.rule_violations.iter().any(|v| v.field == key);
             rows.extend(
                 validation
                     .config_problems
                     .iter()
+                    .filter(|p| !refused(&p.key))
                     .map(|p| (p.clone(), Severity::Error)),
             );
             if let Some(parity) = &validation.parity {
@@ -555,7 +651,9 @@ impl Inputs {
                 origin: parsed.origin.clone(),
                 environment: env,
                 baseline: validation.parity.as_ref().map(|p| p.baseline.clone()),
-                blocks_rollout: validation.blocks_rollout() || !parsed.unknown_fields.is_empty(),
+                blocks_rollout: validation.blocks_rollout()
+                    || !parsed.unknown_fields.is_empty()
+                    || !parsed.rule_violations.is_empty(),
                 problems: rows.len(),
             });
             report

@@ -539,3 +539,23 @@ fn the_service_the_operator_and_validate_report_the_same_keys() {
         assert_eq!(service.is_empty(), *name == "clean", "{name}: {service:?}");
     }
 }
+
+#[test]
+fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
+    let production = std::fs::read_to_string(fixtures().join("production.yaml"))
+        .unwrap()
+        .replace("replicas: 3", "replicas: 1");
+    let out = validate_with_stdin(&["-", "-o", "json"], Some(&production));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report = json(&out);
+    let found = problems(&report);
+    assert_eq!(
+        found,
+        [triple("chat-production/chat", "spec.replicas", "type")],
+        "{report}"
+    );
+    let message = report["problems"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("at least 2 replicas"), "{message}");
+}
