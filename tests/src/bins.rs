@@ -63,10 +63,8 @@ pub fn kwok_stages_dir() -> PathBuf {
 
 /// The build script, found relative to this crate so it works from any cwd.
 pub fn build_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("hack")
-        .join("k8s-bins.sh")
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/k8s-bins.sh");
+    in_repo.canonicalize().unwrap_or(in_repo)
 }
 
 /// What is missing from the cache, by file name; empty when everything is there.

@@ -781,3 +781,53 @@ mod shared {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubeconfig_carries_the_server_and_inline_credentials() {
+        let yaml = kubeconfig("https://127.0.0.1:6443", "CA", "CERT", "KEY");
+        let parsed = Kubeconfig::from_yaml(&yaml).unwrap();
+        let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));
+        assert_eq!(
+            cluster.certificate_authority_data.as_deref(),
+            Some(BASE64.encode("CA").as_str())
+        );
+        let user = parsed.auth_infos[0].auth_info.as_ref().unwrap();
+        assert_eq!(
+            user.client_certificate_data.as_deref(),
+            Some(BASE64.encode("CERT").as_str())
+        );
+        assert_eq!(parsed.current_context.as_deref(), Some("chatgate-local"));
+    }
+
+    #[test]
+    fn a_fake_node_is_kwok_managed_and_schedulable_only_when_ready_and_untainted() {
+        let mut node = fake_node("n");
+        let annotations = node.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            annotations[KWOK_NODE_ANNOTATION],
+            KWOK_NODE_ANNOTATION_VALUE
+        );
+        assert_eq!(node.metadata.labels.clone().unwrap()["type"], "kwok");
+        assert!(!node_schedulable(&node), "no Ready condition yet");
+
+        node.status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(serde_json::json!({ "type": "Ready", "status": "True" }))
+                .unwrap(),
+        ]);
+        node.spec = Some(
+            serde_json::from_value(serde_json::json!({
+                "taints": [{ "key": "node.kubernetes.io/not-ready", "effect": "NoSchedule" }],
+            }))
+            .unwrap(),
+        );
+        assert!(!node_schedulable(&node), "still tainted");
+
+        node.spec = None;
+        assert!(node_schedulable(&node));
+    }
+}

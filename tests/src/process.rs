@@ -176,6 +176,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)));
+    // `split` drops the empty piece after a final newline, so the count is of real lines.
     let all: Vec<String> = BufReader::new(file)
         .split(b'\n')
         .map_while(|l| l.ok())
@@ -196,4 +197,41 @@ pub fn free_loopback_ports(n: usize) -> Result<Vec<u16>> {
         .iter()
         .map(|l| Ok(l.local_addr()?.port()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_shows_the_last_lines_of_a_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        std::fs::write(&path, "one\ntwo\nthree\nfour\n").unwrap();
+        assert_eq!(tail(&path, 2), "three\nfour");
+        assert!(tail(&dir.path().join("missing.log"), 2).contains("no log"));
+    }
+
+    #[test]
+    fn free_loopback_ports_are_distinct() {
+        let ports = free_loopback_ports(5).unwrap();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 5, "{ports:?}");
+    }
+
+    #[test]
+    fn a_dropped_process_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("600");
+        let process = ManagedProcess::spawn("sleeper", sleeper, &dir.path().join("s.log")).unwrap();
+        let pid = process.pid();
+        drop(process);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} survived"
+        );
+    }
 }
