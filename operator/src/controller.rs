@@ -96,6 +96,7 @@ pub async fn reconcile(cs: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action
     if let Err(e) = &result {
         ctx.metrics.failed(e.metric_label());
     }
+    ctx.metrics.completed.inc();
     result
 }
 

@@ -24,6 +24,8 @@ pub struct Metrics {
     registry: Registry,
     /// Reconciles started.
     pub reconciles: Counter,
+    /// Reconciles finished, successfully or not.
+    pub completed: Counter,
     /// Reconciles that failed, by error.
     pub failures: Family<FailureLabels, Counter>,
     /// Reconcile duration in seconds.
@@ -38,6 +40,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("chatgate_operator");
         let reconciles = Counter::default();
+        let completed = Counter::default();
         let failures = Family::<FailureLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let writes = Family::<WriteLabels, Counter>::default();
@@ -46,6 +49,11 @@ impl Default for Metrics {
             "reconciles",
             "ChatService reconciles started",
             reconciles.clone(),
+        );
+        registry.register(
+            "reconciles_completed",
+            "ChatService reconciles finished, successfully or not",
+            completed.clone(),
         );
         registry.register(
             "reconcile_failures",
@@ -70,6 +78,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             reconciles,
+            completed,
             failures,
             duration,
             writes,

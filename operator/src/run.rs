@@ -46,7 +46,7 @@ pub struct Options {
     #[arg(long, env = "CHATGATE_OPERATOR_NAMESPACE")]
     pub namespace: Option<String>,
     /// Address of `/healthz`, `/readyz` and `/metrics`; empty to serve none.
-    #[arg(long, env = "CHATGATE_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "CHATGATE_OPERATOR_HTTP", default_value = "0.0.0.0:8081")]
     pub http: String,
     /// Seconds between reconciles of an unchanged ChatService.
     #[arg(long, default_value_t = 300)]
@@ -77,7 +77,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             namespace: None,
-            http: "0.0.0.0:8080".into(),
+            http: "0.0.0.0:8081".into(),
             resync_seconds: 300,
             leader_election: true,
             lease_namespace: None,

@@ -164,10 +164,11 @@ impl Operator {
         }
     }
 
-    /// Waits until it leads and its watches have synced.
-    pub async fn wait_leading(&self, timeout: Duration) -> Result<()> {
+    /// Waits until it leads and its watches have synced; on timeout the error says
+    /// what the operator last reported, or how it ended.
+    pub async fn wait_leading(&mut self, timeout: Duration) -> Result<()> {
         let health = self.health.clone();
-        wait_until(
+        let waited = wait_until(
             timeout,
             "the operator to lead with synced watches",
             move || {
@@ -175,7 +176,15 @@ impl Operator {
                 async move { Ok((health.is_leader() && health.is_ready().0).then_some(())) }
             },
         )
-        .await?;
+        .await;
+        if let Err(e) = waited {
+            let (_, why) = self.health.is_ready();
+            let ended = match self.task.take_if(|t| t.is_finished()) {
+                Some(task) => format!("the operator ended: {:?}", task.await),
+                None => "the operator is still running".to_owned(),
+            };
+            bail!("{e}; readiness: {why}; {ended}");
+        }
         Ok(())
     }
 }

@@ -1,0 +1,199 @@
+//! Leader election and restarts: of two instances exactly one reconciles; killing it
+//! hands over; an operator restarted in the middle of a rollout converges. Also the
+//! operator's own `/healthz`, `/readyz` and `/metrics`.
+
+mod operator_support;
+
+use anyhow::{Context, Result, bail};
+use chatgate_operator::crd::ChatService;
+use chatgate_operator::run::LEASE_NAME;
+use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_until};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, Patch, PatchParams};
+use operator_support::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A free loopback port (bound once, then released for the operator to bind).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    l.local_addr().expect("its address").port()
+}
+
+/// `GET http://127.0.0.1:port/path` → (status code, body).
+async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("an HTTP status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt(LEASE_NAME)
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_instances_one_leads_and_killing_it_hands_over() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-leader").await?;
+    let admin = cp.client();
+    let (port_a, port_b) = (free_port(), free_port());
+    let with_http = |id: &str, port: u16| {
+        let mut o = options(ns.name(), id);
+        o.http = format!("127.0.0.1:{port}");
+        o
+    };
+    let a = Operator::start_with(admin.clone(), with_http("a", port_a));
+    let b = Operator::start_with(admin.clone(), with_http("b", port_b));
+    let (ha, hb) = (a.health.clone(), b.health.clone());
+    wait_until(TIMEOUT, "one instance to lead", || {
+        let (ha, hb) = (ha.clone(), hb.clone());
+        async move { Ok((ha.is_leader() || hb.is_leader()).then_some(())) }
+    })
+    .await?;
+    assert!(
+        !(a.health.is_leader() && b.health.is_leader()),
+        "two leaders"
+    );
+    let (mut leader, standby, leader_id, standby_id, leader_port, standby_port) =
+        if a.health.is_leader() {
+            (a, b, "a", "b", port_a, port_b)
+        } else {
+            (b, a, "b", "a", port_b, port_a)
+        };
+    leader.wait_leading(TIMEOUT).await?;
+    let leases: Api<Lease> = ns.api(admin.clone());
+    assert_eq!(holder(&leases).await.as_deref(), Some(leader_id));
+
+    // Both are alive and ready; only the leader says it leads.
+    let (code, body) = http_get(standby_port, "/readyz").await?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("standby"), "{body}");
+    let (code, body) = http_get(leader_port, "/readyz").await?;
+    assert_eq!((code, body.trim()), (200, "leader: watches synced"));
+    assert_eq!(http_get(standby_port, "/healthz").await?.0, 200);
+
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    assert_eq!(
+        standby.health.metrics.reconciles.get(),
+        0,
+        "the standby never reconciles"
+    );
+    let (_, metrics) = http_get(leader_port, "/metrics").await?;
+    assert!(metrics.contains("chatgate_operator_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("chatgate_operator_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chatgate_operator_reconcile_duration_seconds_bucket"),
+        "{metrics}"
+    );
+
+    // A crash: the lease is not released; the standby takes over once it expires.
+    leader.kill().await;
+    let hs = standby.health.clone();
+    wait_until(TIMEOUT, "the standby to take over", || {
+        let hs = hs.clone();
+        async move { Ok(hs.is_leader().then_some(())) }
+    })
+    .await?;
+    assert_eq!(holder(&leases).await.as_deref(), Some(standby_id));
+
+    // The new leader reconciles: a spec change converges.
+    let changed = chat_services
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await?;
+    let done = wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    assert_eq!(done.metadata.generation, changed.metadata.generation);
+    assert_eq!(done.status.unwrap().replicas_ready.as_deref(), Some("2/2"));
+    assert!(standby.health.metrics.reconciles.get() > 0);
+    standby.stop().await;
+    // A graceful stop releases the lease at once.
+    if holder(&leases).await.is_some_and(|h| h == standby_id) {
+        bail!("the lease was not released on a graceful stop");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restarted_mid_rollout_converges() -> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-restart").await?;
+    let admin = cp.client();
+    let mut first = Operator::start(admin.clone(), ns.name(), "first");
+    first.wait_leading(TIMEOUT).await?;
+
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(3).build(),
+    )
+    .await?;
+    // The rollout has started (the Deployment exists) when the operator dies.
+    wait_for(&deployments, "chat", TIMEOUT, |_| true).await?;
+    first.kill().await;
+
+    // While no operator runs, the spec changes.
+    let changed = chat_services
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"image": "ghcr.io/chatgate/chatgate-service:next"}})),
+        )
+        .await?;
+
+    let mut second = Operator::start(admin.clone(), ns.name(), "second");
+    second.wait_leading(TIMEOUT).await?;
+    let done = wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    assert_eq!(done.metadata.generation, changed.metadata.generation);
+    assert_eq!(
+        done.status.as_ref().unwrap().replicas_ready.as_deref(),
+        Some("3/3")
+    );
+    let d = deployments.get("chat").await?;
+    assert_eq!(
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("ghcr.io/chatgate/chatgate-service:next")
+    );
+    second.stop().await;
+    Ok(())
+}
