@@ -1,62 +1,32 @@
 //! Configuration validation and production parity against a real API server with
 //! RBAC on. First the operator's `validation::check` on its own: it reads the
 //! referenced Secrets, ConfigMaps and the baseline with only `get`, and reports what
-//! is missing by name. Then the whole operator, in-process: a staging ChatService out
+//! is missing by name. Then the whole operator, in-process as the chart's
+//! ServiceAccount with the chart's RBAC: a staging ChatService out
 //! of parity stalls while the previous rollout keeps serving, and creating what was
 //! missing (a Secret key, the baseline) clears the condition through the watches,
 //! without touching the ChatService and long before any periodic resync.
 
+mod operator_support;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use chatgate_contract::config::ProblemKind;
 use chatgate_operator::conditions::{self, reason};
-use chatgate_operator::controller::system_clock;
 use chatgate_operator::crd::ChatService;
-use chatgate_operator::run::{Health, Options};
 use chatgate_operator::validation::{self, BASELINE_FIELD, Validation};
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
+use operator_support::{OPERATOR_SA, Operator, install_chart_rbac, install_crd, options};
 use serde_json::json;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Installs the ChatService CRD (idempotent) and waits until it is served.
-async fn ensure_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = ChatService::crd();
-    crds.patch(
-        &crd.name_any(),
-        &PatchParams::apply("chatgate-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("the CRD applies");
-    wait_for(
-        &crds,
-        &crd.name_any(),
-        TIMEOUT,
-        |c: &CustomResourceDefinition| {
-            c.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
-        },
-    )
-    .await
-    .expect("the CRD is established");
-}
+use operator_support::TIMEOUT;
 
 /// The read-only rules validation needs (the chart's ClusterRole grants these and
 /// `list`/`watch` for the controller's watches).
@@ -180,7 +150,7 @@ struct Environments {
 }
 
 async fn environments(cp: &ControlPlane, prefix: &str) -> Environments {
-    ensure_crd(&cp.client()).await;
+    install_crd(cp).await.expect("the CRD installs");
     let production = TestNamespace::new(cp, &format!("{prefix}-prd"))
         .await
         .unwrap();
@@ -452,60 +422,21 @@ async fn without_read_access_to_secrets_the_problem_names_the_permission() {
     }
 }
 
-/// An operator running in-process, scoped to one namespace, without leader election
-/// and with a resync far longer than any test: whatever it re-checks within a test,
-/// a watch made it re-check.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Operator {
-    async fn start(client: Client, namespace: &str) -> Operator {
-        let options = Options {
-            namespace: Some(namespace.to_owned()),
-            http: String::new(),
-            resync_seconds: 3600,
-            leader_election: false,
-            identity: Some("parity-test".into()),
-            concurrency: 2,
-            ..Options::default()
-        };
-        let health = Arc::new(Health::default());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(chatgate_operator::run::run(
-            client,
-            options,
-            health.clone(),
-            system_clock(),
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        chatgate_tests::wait_until(TIMEOUT, "the operator's watches to sync", || {
-            let health = health.clone();
-            async move { Ok((health.is_leader() && health.is_ready().0).then_some(())) }
-        })
+/// The operator in-process, scoped to the staging namespace and running as the
+/// chart's ServiceAccount with the chart's RBAC, so the permissions the chart grants
+/// are proven enough (a baseline in another namespace included). Its periodic resync
+/// is far longer than any test: whatever it re-checks within a test, a watch made it.
+async fn start_operator(cp: &ControlPlane, staging: &TestNamespace) -> Operator {
+    install_chart_rbac(cp, staging.name()).expect("the chart's RBAC installs");
+    let client = cp.client_as_service_account(staging.name(), OPERATOR_SA);
+    let mut options = options(staging.name(), "parity");
+    options.resync_seconds = 3600;
+    let operator = Operator::start_with(client, options);
+    operator
+        .wait_leading(TIMEOUT)
         .await
-        .expect("the operator starts");
-        Operator {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+        .expect("the operator leads");
+    operator
 }
 
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -564,7 +495,7 @@ async fn seed_scenario_staging_stalls_and_the_previous_rollout_keeps_serving() {
     let cp = ControlPlane::shared().await;
     let env = environments(cp, "op-seed").await;
     staging_secrets(cp, &env.staging).await;
-    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let operator = start_operator(cp, &env.staging).await;
     let chat_services = env.staging.api::<ChatService>(cp.client());
     let good = create(
         &chat_services,
@@ -645,7 +576,7 @@ async fn adding_the_missing_secret_key_clears_config_valid_without_touching_the_
     .await;
     create(&secrets, &secret("chat-db", &[("url", "sqlite::memory:")])).await;
     create(&secrets, &secret("chat-llm", &[("apikey", "sk-1")])).await;
-    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let operator = start_operator(cp, &env.staging).await;
     let chat_services = env.staging.api::<ChatService>(cp.client());
     create(
         &chat_services,
@@ -693,11 +624,11 @@ async fn adding_the_missing_secret_key_clears_config_valid_without_touching_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_the_missing_baseline_clears_parity_without_touching_staging() {
     let cp = ControlPlane::shared().await;
-    ensure_crd(&cp.client()).await;
+    install_crd(cp).await.expect("the CRD installs");
     let production = TestNamespace::new(cp, "op-late-prd").await.unwrap();
     let staging = TestNamespace::new(cp, "op-late-stg").await.unwrap();
     staging_secrets(cp, &staging).await;
-    let operator = Operator::start(cp.client(), staging.name()).await;
+    let operator = start_operator(cp, &staging).await;
     let chat_services = staging.api::<ChatService>(cp.client());
     create(
         &chat_services,
@@ -739,7 +670,7 @@ async fn parity_warn_rolls_out_and_enforce_stalls() {
     let cp = ControlPlane::shared().await;
     let env = environments(cp, "op-mode").await;
     staging_secrets(cp, &env.staging).await;
-    let operator = Operator::start(cp.client(), env.staging.name()).await;
+    let operator = start_operator(cp, &env.staging).await;
     let chat_services = env.staging.api::<ChatService>(cp.client());
     // A `match` key drifts: staging runs the built-in agent, production OpenAI.
     let mut spec = staging_spec(env.production.name());
