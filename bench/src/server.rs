@@ -90,10 +90,14 @@ impl Server {
         }
 
         let started = Instant::now();
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {} ({})", spec.name, spec.program.display()))?;
-        let pid = child.id().context("server exited at once")?;
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).context(format!("starting {} ({})", spec.name, program.display()));
+            }
+        };
+        let pid = child.id().unwrap_or_default();
         let mut server = Server {
             child,
             pid,
