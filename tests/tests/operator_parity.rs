@@ -431,7 +431,7 @@ async fn start_operator(cp: &ControlPlane, staging: &TestNamespace) -> Operator 
     let client = cp.client_as_service_account(staging.name(), OPERATOR_SA);
     let mut options = options(staging.name(), "parity");
     options.resync_seconds = 3600;
-    let operator = Operator::start_with(client, options);
+    let mut operator = Operator::start_with(client, options);
     operator
         .wait_leading(TIMEOUT)
         .await
