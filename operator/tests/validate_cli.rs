@@ -559,3 +559,27 @@ fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
         .unwrap_or_default();
     assert!(message.contains("at least 2 replicas"), "{message}");
 }
+
+#[test]
+fn the_repositorys_examples_pass() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<String> = std::fs::read_dir(&examples)
+        .expect("examples/ exists")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let args: Vec<&str> = files.iter().map(String::as_str).collect();
+    let out = validate(&args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("baseline chat-production/chat): ok"));
+}
