@@ -1,0 +1,327 @@
+//! Operator benchmark (not a timed test): 500 ChatServices applied at once against
+//! the real control plane, with the release operator binary as a separate process.
+//!
+//! Reports: time until every ChatService has `status.observedGeneration ==
+//! metadata.generation` and its Deployment, Service and ConfigMap exist; the
+//! operator's peak RSS (`VmHWM`); and write requests the API server served during a
+//! full no-op resync. Run with `make bench-operator`, i.e.
+//! `cargo build --release -p chatgate-operator && cargo test --release -p chatgate-tests
+//! --test operator_bench -- --ignored --nocapture` (`BENCH_CHATSERVICES`,
+//! `BENCH_REPLICAS` override the defaults 500 and 0).
+
+mod operator_support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use chatgate_operator::crd::ChatService;
+use chatgate_operator::meta;
+use chatgate_tests::{ControlPlane, TestNamespace, wait_until};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use operator_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WRITE_VERBS: &[&str] = &["POST", "PUT", "PATCH", "APPLY", "DELETE"];
+const RESOURCES: &[&str] = &[
+    "chatservices",
+    "deployments",
+    "services",
+    "configmaps",
+    "poddisruptionbudgets",
+];
+/// The resync period the benchmark runs the operator with, so a full no-op resync
+/// happens within the run.
+const RESYNC_SECONDS: u64 = 20;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn operator_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("CHATGATE_OPERATOR_BIN") {
+        return Ok(p.into());
+    }
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("chatgate-operator");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("no chatgate-operator binary: cargo build --release -p chatgate-operator")
+}
+
+async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("status line")?;
+    Ok((
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn api_server_writes(client: &Client) -> Result<f64> {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await?;
+    let mut total = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |n: &str| {
+            labels
+                .split(&format!("{n}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if WRITE_VERBS.contains(&label("verb").as_str())
+            && RESOURCES.contains(&label("resource").as_str())
+        {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: make bench-operator"]
+async fn bench_500_chatservices_applied_at_once() -> Result<()> {
+    let count = env_or("BENCH_CHATSERVICES", 500);
+    let replicas = env_or("BENCH_REPLICAS", 0) as i32;
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-bench").await?;
+    let admin = cp.client();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let binary = operator_binary()?;
+    let log = std::fs::File::create(cp.dir().join("bench-operator.log"))?;
+    let child = Command::new(&binary)
+        .args([
+            "run",
+            "--namespace",
+            ns.name(),
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--resync-seconds",
+            &RESYNC_SECONDS.to_string(),
+            "--identity",
+            "bench",
+            "--concurrency",
+            "16",
+        ])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id();
+    let _child = Killed(child);
+    wait_until(
+        TIMEOUT,
+        "the operator to lead with synced watches",
+        || async move {
+            Ok(http_get(port, "/readyz")
+                .await
+                .ok()
+                .filter(|(c, b)| *c == 200 && b.contains("leader"))
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    let rss_idle = peak_rss_kib(pid).unwrap_or(0);
+
+    // Apply them all at once (32 requests in flight).
+    let api: Api<ChatService> = ns.api(admin.clone());
+    let started = Instant::now();
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut creates = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (api, in_flight) = (api.clone(), in_flight.clone());
+        creates.spawn(async move {
+            let _permit = in_flight.acquire_owned().await;
+            let cs = ChatService::test(&format!("chat-{i:04}"))
+                .replicas(replicas)
+                .build();
+            api.create(&PostParams::default(), &cs).await.map(|_| ())
+        });
+    }
+    while let Some(done) = creates.join_next().await {
+        done??;
+    }
+    let applied_in = started.elapsed();
+
+    let (deployments, services, config_maps): (Api<Deployment>, Api<Service>, Api<ConfigMap>) = (
+        ns.api(admin.clone()),
+        ns.api(admin.clone()),
+        ns.api(admin.clone()),
+    );
+    let managed = ListParams::default().labels(&meta::managed_selector());
+    wait_until(
+        Duration::from_secs(600),
+        "every ChatService observed with its children",
+        || {
+            let (api, deployments, services, config_maps, managed) = (
+                api.clone(),
+                deployments.clone(),
+                services.clone(),
+                config_maps.clone(),
+                managed.clone(),
+            );
+            async move {
+                let all = api.list(&ListParams::default()).await?;
+                let observed = all
+                    .items
+                    .iter()
+                    .filter(|cs| {
+                        cs.status.as_ref().and_then(|s| s.observed_generation)
+                            == cs.metadata.generation
+                    })
+                    .count();
+                if observed < count {
+                    return Ok(None);
+                }
+                let d = deployments.list_metadata(&managed).await?.items.len();
+                let s = services.list_metadata(&managed).await?.items.len();
+                let c = config_maps.list_metadata(&managed).await?.items.len();
+                Ok((d >= count && s >= count && c >= count).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let converged_in = started.elapsed();
+    let rss_peak = peak_rss_kib(pid).unwrap_or(0);
+
+    // A full no-op resync: every ChatService reconciled once more, nothing changed.
+    let (_, m) = http_get(port, "/metrics").await?;
+    let completed = metric(&m, "chatgate_operator_reconciles_completed_total");
+    let before = api_server_writes(&admin).await?;
+    let operator_writes_before = metric(&m, "chatgate_operator_writes_total");
+    let resync_started = Instant::now();
+    wait_until(
+        Duration::from_secs(RESYNC_SECONDS * 6),
+        "a full periodic resync",
+        || async move {
+            let (_, m) = http_get(port, "/metrics").await?;
+            Ok((metric(&m, "chatgate_operator_reconciles_completed_total")
+                >= completed + count as f64)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let resync_in = resync_started.elapsed();
+    let after = api_server_writes(&admin).await?;
+    let (_, m) = http_get(port, "/metrics").await?;
+    let operator_writes_after = metric(&m, "chatgate_operator_writes_total");
+    let duration_sum = metric(&m, "chatgate_operator_reconcile_duration_seconds_sum");
+    let duration_count = metric(&m, "chatgate_operator_reconcile_duration_seconds_count");
+    let rss_end = peak_rss_kib(pid).unwrap_or(0);
+
+    let report: BTreeMap<&str, String> = BTreeMap::from([
+        ("chatservices", count.to_string()),
+        ("replicas_each", replicas.to_string()),
+        (
+            "create_requests_done_s",
+            format!("{:.2}", applied_in.as_secs_f64()),
+        ),
+        (
+            "all_observed_with_children_s",
+            format!("{:.2}", converged_in.as_secs_f64()),
+        ),
+        (
+            "operator_peak_rss_mib",
+            format!("{:.1}", rss_end.max(rss_peak) as f64 / 1024.0),
+        ),
+        (
+            "operator_rss_idle_mib",
+            format!("{:.1}", rss_idle as f64 / 1024.0),
+        ),
+        ("noop_resync_reconciles", count.to_string()),
+        (
+            "noop_resync_duration_s",
+            format!("{:.2}", resync_in.as_secs_f64()),
+        ),
+        (
+            "noop_resync_apiserver_writes",
+            format!("{}", after - before),
+        ),
+        (
+            "noop_resync_operator_writes",
+            format!("{}", operator_writes_after - operator_writes_before),
+        ),
+        (
+            "mean_reconcile_ms",
+            format!("{:.2}", 1000.0 * duration_sum / duration_count.max(1.0)),
+        ),
+        ("operator_binary", binary.display().to_string()),
+    ]);
+    println!("\n== operator benchmark ==");
+    for (k, v) in &report {
+        println!("{k:32} {v}");
+    }
+    assert_eq!(after - before, 0.0, "a no-op resync wrote");
+    Ok(())
+}
