@@ -35,7 +35,9 @@ pub const EXIT_UNREADABLE: i32 = 2;
 pub struct ValidateArgs {
     /// Manifest files (multi-document YAML or JSON, as `kustomize build` or `helm
     /// template` print them); `-` reads standard input. Secrets and ConfigMaps among
-    /// them are used to check references; other kinds are ignored.
+    /// them are used to check references (a ConfigMap named by `spec.configMapRef`
+    /// must be among them, and so must each non-production resource's baseline);
+    /// other kinds are ignored.
     #[arg(value_name = "FILE", required_unless_present = "explain")]
     pub files: Vec<String>,
 
@@ -308,26 +310,44 @@ struct Document<'a> {
     text: &'a str,
 }
 
-/// Splits a YAML stream at its `---` markers (which YAML only allows at column 0
-/// and which may not occur inside a document's content), remembering where each
-/// document starts so a parser's position can be made absolute.
+/// Splits a YAML stream at its `---` markers and after its `...` markers (which YAML
+/// only allows at column 0 and never inside a document's content), remembering where
+/// each document starts so a parser's position can be made absolute. `%YAML`/`%TAG`
+/// directives stay with the document whose `---` follows them.
 fn documents(text: &str) -> Vec<Document<'_>> {
     let mut docs = Vec::new();
     let mut start = 0;
     let mut start_line = 1;
     let mut offset = 0;
+    // What the current chunk holds so far, besides blank lines and comments.
+    let (mut has_directive, mut has_content) = (false, false);
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
         let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
-        if is_marker && offset > start {
+        if is_marker && offset > start && !(has_directive && !has_content) {
             docs.push(Document {
                 first_line: start_line,
                 text: &text[start..offset],
             });
             start = offset;
             start_line = index + 1;
+            (has_directive, has_content) = (false, false);
+        }
+        if bare.starts_with('%') && !has_content {
+            has_directive = true;
+        } else if !(bare.trim().is_empty() || bare.starts_with('#')) {
+            has_content = true;
         }
         offset += line.len();
+        if bare == "..." {
+            docs.push(Document {
+                first_line: start_line,
+                text: &text[start..offset],
+            });
+            start = offset;
+            start_line = index + 2;
+            (has_directive, has_content) = (false, false);
+        }
     }
     if start < text.len() {
         docs.push(Document {
@@ -879,6 +899,22 @@ mod tests {
             ]
         );
         assert_eq!(documents("---\na: 1\n").len(), 1);
+        assert_eq!(
+            documents("%YAML 1.2\n---\na: 1\n...\n%YAML 1.2\n---\nb: 2\n"),
+            vec![
+                Document {
+                    first_line: 1,
+                    text: "%YAML 1.2\n---\na: 1\n...\n"
+                },
+                Document {
+                    first_line: 5,
+                    text: "%YAML 1.2\n---\nb: 2\n"
+                },
+            ]
+        );
+        for doc in documents("%YAML 1.2\n---\na: 1\n...\n%YAML 1.2\n---\nb: 2\n") {
+            serde_norway::from_str::<serde_norway::Value>(doc.text).expect("one document each");
+        }
         assert!(documents("").is_empty());
     }
 
