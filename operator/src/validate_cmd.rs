@@ -324,7 +324,7 @@ fn documents(text: &str) -> Vec<Document<'_>> {
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
         let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
-        if is_marker && offset > start && !(has_directive && !has_content) {
+        if is_marker && offset > start && (!has_directive || has_content) {
             docs.push(Document {
                 first_line: start_line,
                 text: &text[start..offset],
