@@ -121,10 +121,12 @@ pub struct SecretKeyRef {
 /// A named object in the ChatService's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct LocalObjectName {
+    /// Name of the object, in the ChatService's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 
+/// The JWT signature algorithm `/ws` accepts (exactly one).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum JwtAlgorithm {
     #[default]
@@ -172,6 +174,7 @@ pub struct JwtSpec {
     pub leeway_seconds: Option<i32>,
 }
 
+/// Which LLM API the agent supervisor calls.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LlmProvider {
@@ -195,6 +198,7 @@ impl LlmProvider {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmSpec {
+    /// `builtin` (deterministic, offline) or `openai` (an OpenAI-compatible API).
     #[serde(default)]
     pub provider: LlmProvider,
     /// Model name sent to the provider.
@@ -297,6 +301,7 @@ impl Default for RolloutSpec {
     }
 }
 
+/// What a parity violation does.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum ParityMode {
     /// A violation stalls the ChatService: nothing new is rolled out.
@@ -323,6 +328,7 @@ pub struct ParitySpec {
 /// A ChatService, possibly in another namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct BaselineRef {
+    /// Name of the production ChatService.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Defaults to the ChatService's own namespace.
@@ -341,12 +347,16 @@ pub struct ChatServiceStatus {
     /// conditions `ConfigValid`, `ParityOK`, `StartupComplete`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Pods of the Deployment, old and new.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    /// Pods ready to take traffic (startup complete, readiness passing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Pods running the latest pod template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_replicas: Option<i32>,
+    /// Pods available (ready for at least minReadySeconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available_replicas: Option<i32>,
     /// `ready/desired`, for `kubectl get`.
@@ -372,12 +382,17 @@ pub struct ChatServiceStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartupFailure {
+    /// The pod's name.
     pub pod: String,
+    /// The startup phase that failed (e.g. `supervisor`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The critical service that could not be built (e.g. `agent_supervisor`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// For people: "agent supervisor missing: LLM API key missing".
     pub message: String,
+    /// How often the container restarted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<i32>,
 }
@@ -386,7 +401,10 @@ pub struct StartupFailure {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigProblem {
+    /// The `CHATGATE_*` key or spec field concerned.
     pub key: String,
+    /// The rule broken: required, type, unknown-key, secret, parity:match, parity:present, baseline, reference.
     pub rule: String,
+    /// What is wrong and what to do.
     pub message: String,
 }
