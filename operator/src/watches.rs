@@ -10,14 +10,14 @@
 //!
 //! ```ignore
 //! let store = controller.store(); // reflector Store<ChatService>
+//! let secrets = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), wc.clone())
+//!     .touched_objects();
 //! controller
-//!     .watches_stream(metadata_watcher(secrets, wc).touched_objects(), {
-//!         let store = store.clone();
-//!         move |s| watches::chatservices_using_secret(&store, &s)
-//!     })
-//!     .watches(config_maps, wc, { let store = store.clone();
+//!     .watches_stream(secrets, { let store = store.clone();
+//!         move |s| watches::chatservices_using_secret(&store, &s) })
+//!     .watches_stream(config_maps, { let store = store.clone();
 //!         move |cm| watches::chatservices_using_config_map(&store, &cm) })
-//!     .watches(chat_services, wc, { let store = store.clone();
+//!     .watches_stream(chat_services, { let store = store.clone();
 //!         move |cs| watches::chatservices_comparing_with(&store, &cs) })
 //! ```
 
