@@ -137,9 +137,10 @@ async fn a_run_emits_every_event_in_order_and_stores_both_messages() {
     };
     assert_eq!(client_message_id.as_deref(), Some("c-1"), "echoed");
     assert!(!replay);
-    // agent_started arrives only after the user's message is stored.
+    // agent_started arrives only after the user's message is stored. (The builtin
+    // is fast: the reply may be stored by now too, but never before the message.)
     let stored = h.store.get_thread("alice", &thread_id).await.unwrap();
-    assert_eq!(stored.len(), 1);
+    assert!(!stored.is_empty());
     assert_eq!(
         (stored[0].role, stored[0].content.as_str()),
         (Role::User, "what is in a name")
