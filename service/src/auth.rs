@@ -491,6 +491,17 @@ mod tests {
     }
 
     #[test]
+    fn a_token_without_sub_lacks_a_claim() {
+        let (v, _) = JwtVerifier::from_settings(&settings("s")).unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        let t = token(
+            "s",
+            serde_json::json!({"exp":now+60,"iss":"iss","aud":"aud"}),
+        );
+        assert_eq!(v.verify(&t).unwrap_err(), AuthError::MissingClaim);
+    }
+
+    #[test]
     fn the_dev_token_verifies() {
         let mut s = settings("");
         s.key = JwtKeySource::GenerateDevSecret;

@@ -9,10 +9,13 @@
 use crate::auth::UserId;
 use crate::config::BridgeSettings;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::futures::Notified;
 
 #[derive(Clone)]
 pub struct WsBridge {
@@ -25,8 +28,9 @@ struct BridgeInner {
     per_user: Mutex<HashMap<UserId, u32>>,
     /// Signalled whenever the last open socket closes (drain waits on it).
     all_closed: Notify,
-    /// Cancelled once on shutdown: every socket closes with 1012.
-    restart: CancellationToken,
+    /// Set once on shutdown (with `restart_notify`): every socket closes with 1012.
+    restart: AtomicBool,
+    restart_notify: Notify,
     next_id: AtomicU64,
     /// Random per process, so connection ids from different pods do not collide in logs.
     instance: u32,
@@ -63,7 +67,8 @@ impl WsBridge {
                 open: AtomicUsize::new(0),
                 per_user: Mutex::new(HashMap::new()),
                 all_closed: Notify::new(),
-                restart: CancellationToken::new(),
+                restart: AtomicBool::new(false),
+                restart_notify: Notify::new(),
                 next_id: AtomicU64::new(1),
                 instance: rand::random(),
             }),
@@ -114,14 +119,19 @@ impl WsBridge {
     }
 
     /// Resolves when shutdown asks every socket to close with 1012.
-    pub fn restarting(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.inner.restart.cancelled()
+    pub fn restarting(&self) -> Restarting<'_> {
+        Restarting {
+            flag: &self.inner.restart,
+            notified: Box::pin(self.inner.restart_notify.notified()),
+            registered: false,
+        }
     }
 
     /// Asks every open socket to close with 1012 and waits (bounded by the caller)
     /// until they have.
     pub async fn close_all(&self) {
-        self.inner.restart.cancel();
+        self.inner.restart.store(true, Ordering::Release);
+        self.inner.restart_notify.notify_waiters();
         loop {
             let closed = self.inner.all_closed.notified();
             if self.open() == 0 {
@@ -129,6 +139,35 @@ impl WsBridge {
             }
             closed.await;
         }
+    }
+}
+
+/// The shutdown signal as one socket's loop sees it.
+///
+/// Polled on every wake-up of every socket, so it must be nearly free: after the
+/// first poll has registered the socket's task with the `Notify` (one lock), later
+/// polls only read an atomic. A cancellation token or a plain `Notified` would take
+/// a process-wide lock on each poll, which thousands of busy sockets contend on.
+pub struct Restarting<'a> {
+    flag: &'a AtomicBool,
+    notified: Pin<Box<Notified<'a>>>,
+    registered: bool,
+}
+
+impl Future for Restarting<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.flag.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if !self.registered {
+            // The registered waker stays valid: this future is only ever polled
+            // by the one task that owns the socket.
+            self.registered = true;
+            return self.notified.as_mut().poll(cx);
+        }
+        Poll::Pending
     }
 }
 

@@ -198,9 +198,11 @@ impl Connection {
         let tick_every = settings.keepalive.min(settings.idle_timeout);
         let tick = tokio::time::sleep(tick_every);
         tokio::pin!(tick);
-        let restarting = self.services.bridge.restarting();
-        tokio::pin!(restarting);
-        let mut last_heard = Instant::now();
+        let mut restarting = self.services.bridge.restarting();
+        // Frames mark the socket as heard from; the clock is read only on ticks, not
+        // on every frame.
+        let mut heard = false;
+        let mut idle_since = Instant::now();
 
         loop {
             tokio::select! {
@@ -214,7 +216,7 @@ impl Connection {
                         Some(Err(e)) => return ending_for_error(e),
                         None => return Ending::ByClient(close_code::ABNORMAL),
                     };
-                    last_heard = Instant::now();
+                    heard = true;
                     let reply = match message {
                         Message::Text(text) => self.on_text(text.as_str(), &mut lane),
                         Message::Binary(_) => Some(ServerEvent::error(
@@ -246,7 +248,10 @@ impl Connection {
                     LaneEvent::Overflow => return Ending::SlowReader,
                 },
                 _ = &mut tick => {
-                    if last_heard.elapsed() >= settings.idle_timeout {
+                    let now = Instant::now();
+                    if std::mem::take(&mut heard) {
+                        idle_since = now;
+                    } else if now.duration_since(idle_since) >= settings.idle_timeout {
                         return Ending::ByServer(close_code::NORMAL, "idle timeout");
                     }
                     // A ping makes live clients answer (resetting the idle clock)
@@ -255,7 +260,7 @@ impl Connection {
                     if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
                         return Ending::SlowReader;
                     }
-                    tick.as_mut().reset(Instant::now() + tick_every);
+                    tick.as_mut().reset(now + tick_every);
                 }
             }
         }
@@ -311,7 +316,13 @@ async fn next_from(lane: &mut Option<ChatLane>) -> LaneEvent {
 async fn send(socket: &mut WebSocket, event: &ServerEvent) -> Result<(), ()> {
     // Serialising a wire type cannot fail (no maps with non-string keys).
     let text = serde_json::to_string(event).unwrap_or_default();
-    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+    let mut sending = std::pin::pin!(socket.send(Message::Text(text.into())));
+    // Almost every send completes at once (the kernel buffer has room); only a
+    // send that has to wait gets a timer.
+    if let std::task::Poll::Ready(result) = futures::poll!(sending.as_mut()) {
+        return result.map_err(|_| ());
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, sending).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

@@ -485,3 +485,56 @@ async fn sigterm_turns_readiness_503_then_closes_sockets_with_1012_and_exits_0()
     let exit = service.exit_status().await;
     assert_eq!(exit.code(), Some(0), "{}", service.stderr());
 }
+
+#[tokio::test]
+async fn a_socket_that_goes_silent_is_closed_after_the_idle_timeout() {
+    let service = ServiceBuilder::new()
+        .env("CHATGATE_KEEPALIVE_SECONDS", "1")
+        .env("CHATGATE_IDLE_TIMEOUT_SECONDS", "5")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let socket = service.connect_as("sid").await;
+    // Not reading means not answering the keepalive pings either: from the
+    // service's side the socket is silent, as a dead peer's would be. Wait for the
+    // service to count the close, then read what it sent.
+    eventually("the service closed the idle socket", || async {
+        let (_, metrics, _) = service.get("/metrics").await?;
+        metrics
+            .as_str()?
+            .contains("chatgate_ws_closes_total{code=\"1000\"} 1")
+            .then_some(())
+    })
+    .await
+    .expect("idle close");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+    assert_eq!(raw_close_code(socket).await, 1000);
+}
+
+/// Reads the frames the service sent to a client that stopped reading, straight
+/// from TCP (a WebSocket client would try to answer the buffered pings on a socket
+/// the service has already closed), and returns the close frame's code.
+async fn raw_close_code(socket: Socket) -> u16 {
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::MaybeTlsStream;
+    let MaybeTlsStream::Plain(mut tcp) = socket.into_inner() else {
+        panic!("plain TCP expected");
+    };
+    let mut bytes = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut bytes))
+        .await
+        .expect("the service closes the TCP connection")
+        .expect("read");
+    // Server frames are unmasked; pings and the close frame are short.
+    let mut at = 0;
+    while at + 2 <= bytes.len() {
+        let opcode = bytes[at] & 0x0f;
+        let len = usize::from(bytes[at + 1] & 0x7f);
+        assert!(len < 126, "only short control frames expected");
+        if opcode == 0x8 {
+            return u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]);
+        }
+        at += 2 + len;
+    }
+    panic!("no close frame in {bytes:?}");
+}
