@@ -47,10 +47,11 @@ pub struct ValidateArgs {
 
     /// Directory of Secrets to check references against: Secret manifests
     /// (`*.yaml`, `*.yml`, `*.json`) and/or one sub-directory per Secret holding one
-    /// file per key (the layout `kubectl create secret generic NAME --from-file=DIR/NAME`
-    /// reads; such Secrets match in every namespace). Only key names are read, never
-    /// values. May be repeated. A ChatService's Secret references are checked when
-    /// its namespace has a Secret among the inputs or a Secret directory is given.
+    /// file per key (the layout `kubectl create secret generic NAME
+    /// --from-file=DIR/NAME` reads; such Secrets match in every namespace, and their
+    /// key files may be empty: only names are read, never values). May be repeated.
+    /// A ChatService's Secret references are checked when its namespace has a Secret
+    /// among the inputs or a Secret sub-directory is given.
     #[arg(long, value_name = "DIR")]
     pub secrets: Vec<PathBuf>,
 
@@ -550,11 +551,12 @@ impl Inputs {
                     if key.starts_with('.') {
                         continue;
                     }
-                    // Only the size is looked at: a key's value is never read.
+                    // A key file declares the key; its content is never read, so a
+                    // pipeline may list key names with empty files (`touch`).
                     let meta = std::fs::metadata(entry.path())
                         .map_err(|e| InputError::io(&entry.path().display().to_string(), e))?;
                     if meta.is_file() {
-                        keys.insert(&key, meta.len() == 0);
+                        keys.insert(&key, false);
                     }
                 }
                 self.secrets_any_namespace.insert(file_name, keys);

@@ -583,3 +583,52 @@ fn the_repositorys_examples_pass() {
     );
     assert!(stdout(&out).contains("baseline chat-production/chat): ok"));
 }
+
+#[test]
+fn a_secrets_directory_of_empty_key_files_declares_key_names() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (secret, key) in [
+        ("chat-jwt", "secret"),
+        ("chat-db", "url"),
+        ("chat-llm", "api-key"),
+    ] {
+        std::fs::create_dir_all(dir.path().join(secret)).unwrap();
+        std::fs::write(dir.path().join(secret).join(key), "").unwrap();
+    }
+    let secrets = dir.path().display().to_string();
+    let out = validate(&[
+        "production.yaml",
+        "staging.yaml",
+        "--secrets",
+        &secrets,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(problems(&json(&out)), vec![]);
+
+    std::fs::remove_file(dir.path().join("chat-llm").join("api-key")).unwrap();
+    std::fs::write(dir.path().join("chat-llm").join("apikey"), "").unwrap();
+    let out = validate(&[
+        "production.yaml",
+        "staging.yaml",
+        "--secrets",
+        &secrets,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let found = problems(&json(&out));
+    assert!(
+        found.contains(&triple(STAGING, "CHATGATE_LLM_API_KEY", "reference")),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&triple(
+            "chat-production/chat",
+            "CHATGATE_LLM_API_KEY",
+            "reference"
+        )),
+        "directory Secrets match every namespace: {found:?}"
+    );
+}
