@@ -48,8 +48,7 @@ chatgate is running.
   $KUBECTL describe chatservice chat-dev
   curl http://$LISTEN/health/startup    # phases and critical services
 
-Connect to the chat (the service printed a development token):
-$(grep -E 'token|websocat|python' "$STATE/service.log" | head -5)
+$(sed -n '/Development token/,/onopen/p' "$STATE/service.log")
 
 Ctrl-C stops the service, the operator and (if it started one) the local control plane.
 MSG
