@@ -92,12 +92,19 @@ fn client_config() -> WebSocketConfig {
 
 /// Opens an authenticated connection; for greeting servers, also waits for `connected`.
 pub async fn connect(endpoint: Endpoint, token: &str) -> Result<Ws> {
+    Ok(connect_timed(endpoint, token).await?.0)
+}
+
+/// Like [`connect`], also telling how long the upgrade alone took (TCP connect to
+/// `101`), so a slow greeting can be told from a slow upgrade.
+pub async fn connect_timed(endpoint: Endpoint, token: &str) -> Result<(Ws, Duration)> {
     tokio::time::timeout(STEP_TIMEOUT, connect_inner(endpoint, token))
         .await
         .context("connect timed out")?
 }
 
-async fn connect_inner(endpoint: Endpoint, token: &str) -> Result<Ws> {
+async fn connect_inner(endpoint: Endpoint, token: &str) -> Result<(Ws, Duration)> {
+    let started = std::time::Instant::now();
     let stream = TcpStream::connect(endpoint.addr).await?;
     stream.set_nodelay(true)?;
     let mut request = format!("ws://{}/ws", endpoint.addr).into_client_request()?;
@@ -113,10 +120,11 @@ async fn connect_inner(endpoint: Endpoint, token: &str) -> Result<Ws> {
             Err(WsError::Http(response)) => bail!("upgrade refused: HTTP {}", response.status()),
             Err(e) => return Err(e.into()),
         };
+    let upgraded = started.elapsed();
     if endpoint.greets {
         await_frame(&mut ws, "connected").await?;
     }
-    Ok(ws)
+    Ok((ws, upgraded))
 }
 
 /// One round trip: send a ping, wait for its pong.

@@ -35,6 +35,9 @@ pub struct ConnectStats {
     pub connects_per_second: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// TCP connect to `101` only; the rest of `latency` is waiting for the greeting.
+    pub upgrade_p50_ms: f64,
+    pub upgrade_p99_ms: f64,
     pub server_cpu_seconds: f64,
     pub server_cpu_per_connection_us: f64,
     /// The load generator's own CPU per connection: it shares the cores.
@@ -86,26 +89,30 @@ pub async fn connect_churn(
         let (tokens, next) = (tokens.clone(), next.clone());
         workers.spawn(async move {
             let mut latencies = Vec::new();
+            let mut upgrades = Vec::new();
             let mut closing = JoinSet::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(token) = tokens.get(i) else { break };
                 let t = Instant::now();
-                let ws = client::connect(endpoint, token).await?;
+                let (ws, upgraded) = client::connect_timed(endpoint, token).await?;
                 latencies.push(t.elapsed());
+                upgrades.push(upgraded);
                 // Close concurrently, as departing clients do, while the next connects.
                 closing.spawn(client::close(ws));
             }
             let connected_by = Instant::now();
             closing.join_all().await;
-            anyhow::Ok((latencies, connected_by))
+            anyhow::Ok((latencies, upgrades, connected_by))
         });
     }
     let mut latencies = Vec::with_capacity(count);
+    let mut upgrades: Vec<u32> = Vec::with_capacity(count);
     let mut last_connect = start;
     while let Some(joined) = workers.join_next().await {
-        let (lat, connected_by) = joined??;
+        let (lat, upgraded, connected_by) = joined??;
         latencies.extend(lat);
+        upgrades.extend(upgraded.into_iter().map(as_micros));
         last_connect = last_connect.max(connected_by);
     }
     tokio::time::sleep(SETTLE).await;
@@ -114,6 +121,7 @@ pub async fn connect_churn(
     let wall = last_connect - start;
     let mut micros: Vec<u32> = latencies.iter().map(|d| as_micros(*d)).collect();
     micros.sort_unstable();
+    upgrades.sort_unstable();
     Ok(ConnectStats {
         connects: latencies.len(),
         concurrency,
@@ -121,6 +129,8 @@ pub async fn connect_churn(
         connects_per_second: latencies.len() as f64 / wall.as_secs_f64(),
         latency_p50_ms: percentile_ms(&micros, 0.50),
         latency_p99_ms: percentile_ms(&micros, 0.99),
+        upgrade_p50_ms: percentile_ms(&upgrades, 0.50),
+        upgrade_p99_ms: percentile_ms(&upgrades, 0.99),
         server_cpu_seconds: cpu.as_secs_f64(),
         server_cpu_per_connection_us: cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64,
         generator_cpu_per_connection_us: own.as_secs_f64() * 1e6 / latencies.len().max(1) as f64,

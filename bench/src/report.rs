@@ -101,6 +101,8 @@ fn median_connects(runs: &[&ConnectStats]) -> Option<ConnectStats> {
         connects_per_second: med(runs, |r| r.connects_per_second),
         latency_p50_ms: med(runs, |r| r.latency_p50_ms),
         latency_p99_ms: med(runs, |r| r.latency_p99_ms),
+        upgrade_p50_ms: med(runs, |r| r.upgrade_p50_ms),
+        upgrade_p99_ms: med(runs, |r| r.upgrade_p99_ms),
         server_cpu_seconds: med(runs, |r| r.server_cpu_seconds),
         server_cpu_per_connection_us: med(runs, |r| r.server_cpu_per_connection_us),
         generator_cpu_per_connection_us: med(runs, |r| r.generator_cpu_per_connection_us),

@@ -16,6 +16,7 @@ use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use serde::Deserialize;
 
 /// The one field the baseline looks at, parsed like the real servers parse it.
@@ -31,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
     let app = Router::new()
         .route("/ws", get(upgrade))
         .route("/health/startup", get(|| async { "ok" }));
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    // Like the service: small frames, latency over packet count.
+    let listener = tokio::net::TcpListener::bind(listen).await?.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }
