@@ -5,7 +5,6 @@
 //! `/health/startup` answer from the first milliseconds and a slow dependency is
 //! visible instead of a connection refused.
 
-use crate::config;
 use crate::logging::{self, LogFormat};
 use crate::metrics::Metrics;
 use crate::startup::{self, CriticalServices, Progress};
@@ -225,12 +224,13 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
         .effective("CHATGATE_STARTUP_BUDGET_SECONDS")
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(60);
-    let deadline = started + Duration::from_secs(budget);
+    let budget = Duration::from_secs(budget);
+    let deadline = started + budget;
 
     let signal = termination_signal(&mut signals);
     tokio::pin!(signal);
     let outcome = tokio::select! {
-        outcome = startup::run(&set, &app.progress, &app.metrics, deadline) => Some(outcome),
+        outcome = startup::run(&set, &app.progress, &app.metrics, deadline, budget) => Some(outcome),
         _ = &mut signal => None,
     };
     let services = match outcome {
@@ -361,9 +361,4 @@ async fn termination_signal(signals: &mut Signals) {
         _ = next(&mut signals.term) => {}
         _ = next(&mut signals.int) => {}
     }
-}
-
-/// Reads configuration for a run: `--config FILE` (optional) and the environment.
-pub fn load_config(file: Option<&std::path::Path>) -> Result<ConfigSet, String> {
-    config::load(file, std::env::vars())
 }

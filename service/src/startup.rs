@@ -191,12 +191,14 @@ pub struct StartupFailure {
     pub message: TerminationMessage,
 }
 
-/// Runs every phase in order. `deadline` bounds the whole startup.
+/// Runs every phase in order. `deadline` (the process start plus `budget`) bounds
+/// the whole startup.
 pub async fn run(
     set: &ConfigSet,
     progress: &Progress,
     metrics: &Metrics,
     deadline: Instant,
+    budget: Duration,
 ) -> Result<CriticalServices, StartupFailure> {
     let budget_note = |phase: StartupPhase, last: Option<String>| StartupFailure {
         running: phase,
@@ -204,7 +206,8 @@ pub async fn run(
             phase,
             phase.produces(),
             format!(
-                "startup did not finish within CHATGATE_STARTUP_BUDGET_SECONDS{}; fix the dependency or raise the budget",
+                "startup did not finish within CHATGATE_STARTUP_BUDGET_SECONDS ({}s){}; fix the dependency or raise the budget",
+                budget.as_secs(),
                 last.map(|e| format!(" (last error: {e})"))
                     .unwrap_or_default()
             ),
