@@ -220,16 +220,19 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
         ns.api(admin.clone()),
     );
     let managed = ListParams::default().labels(&meta::managed_selector());
-    wait_until(
-        Duration::from_secs(600),
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = progress.clone();
+    let converged = wait_until(
+        Duration::from_secs(300),
         "every ChatService observed with its children",
         || {
-            let (api, deployments, services, config_maps, managed) = (
+            let (api, deployments, services, config_maps, managed, seen) = (
                 api.clone(),
                 deployments.clone(),
                 services.clone(),
                 config_maps.clone(),
                 managed.clone(),
+                seen.clone(),
             );
             async move {
                 let all = api.list(&ListParams::default()).await?;
@@ -241,19 +244,58 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
                             == cs.metadata.generation
                     })
                     .count();
-                if observed < count {
-                    return Ok(None);
-                }
                 let d = deployments.list_metadata(&managed).await?.items.len();
                 let s = services.list_metadata(&managed).await?.items.len();
                 let c = config_maps.list_metadata(&managed).await?.items.len();
-                Ok((d >= count && s >= count && c >= count).then_some(()))
+                *seen.lock().unwrap() =
+                    format!("{observed} observed, {d} Deployments, {s} Services, {c} ConfigMaps");
+                Ok((observed >= count && d >= count && s >= count && c >= count).then_some(()))
+            }
+        },
+    )
+    .await;
+    if let Err(e) = converged {
+        let log = std::fs::read_to_string(cp.dir().join("bench-operator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        bail!(
+            "{e}\nprogress: {}\noperator log tail:\n{}",
+            progress.lock().unwrap(),
+            tail.join("\n")
+        );
+    }
+    let converged_in = started.elapsed();
+    let rss_peak = peak_rss_kib(pid).unwrap_or(0);
+
+    // Settle: every ChatService Ready and no reconcile in flight, so the resync below
+    // finds nothing to do.
+    wait_until(
+        Duration::from_secs(300),
+        "every ChatService Ready and the operator idle",
+        || {
+            let api = api.clone();
+            async move {
+                let all = api.list(&ListParams::default()).await?;
+                if all.items.iter().filter(|cs| ready_now(cs)).count() < count {
+                    return Ok(None);
+                }
+                let (_, m) = http_get(port, "/metrics").await?;
+                let (started, done) = (
+                    metric(&m, "chatgate_operator_reconciles_total"),
+                    metric(&m, "chatgate_operator_reconciles_completed_total"),
+                );
+                Ok((started == done).then_some(()))
             }
         },
     )
     .await?;
-    let converged_in = started.elapsed();
-    let rss_peak = peak_rss_kib(pid).unwrap_or(0);
+    let settled_in = started.elapsed();
 
     // A full no-op resync: every ChatService reconciled once more, nothing changed.
     let (_, m) = http_get(port, "/metrics").await?;
@@ -300,6 +342,10 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
             format!("{:.1}", rss_idle as f64 / 1024.0),
         ),
         ("noop_resync_reconciles", count.to_string()),
+        (
+            "all_ready_and_idle_s",
+            format!("{:.2}", settled_in.as_secs_f64()),
+        ),
         (
             "noop_resync_duration_s",
             format!("{:.2}", resync_in.as_secs_f64()),

@@ -205,8 +205,8 @@ pub fn options(ns: &str, identity: &str) -> Options {
         resync_seconds: 300,
         leader_election: true,
         lease_namespace: Some(ns.to_owned()),
-        lease_duration_seconds: 4,
-        lease_grace_seconds: 1,
+        lease_duration_seconds: 8,
+        lease_grace_seconds: 3,
         identity: Some(identity.to_owned()),
         concurrency: 4,
     }
