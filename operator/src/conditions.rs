@@ -42,6 +42,8 @@ pub mod reason {
     pub const BASELINE_MISSING: &str = "BaselineMissing";
     /// Pods exit during startup; their termination message names the phase and service.
     pub const STARTUP_FAILED: &str = "StartupFailed";
+    /// A child could not be written; the operator retries.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
     /// The Deployment made no progress within `spec.rollout.progressDeadlineSeconds`.
     pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     /// The configuration is valid.

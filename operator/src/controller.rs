@@ -128,20 +128,22 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
 
     // 2 + 3. Build and apply, unless the configuration must not roll out.
     let prev = cs.status.clone().unwrap_or_default();
+    let live_deployment = || {
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(&namespace))
+    };
+    let prev_applied = prev
+        .applied_config_hash
+        .clone()
+        .zip(prev.applied_generation);
+    let mut apply_error = None;
     let (deployment, applied) = if validation.blocks_rollout() {
         debug!(
             problems = validation.all_problems().count(),
             "configuration blocked; the last good workload stays"
         );
-        let live = ctx
-            .stores
-            .deployments
-            .get(&ObjectRef::new(&name).within(&namespace));
-        let applied = prev
-            .applied_config_hash
-            .clone()
-            .zip(prev.applied_generation);
-        (live, applied)
+        (live_deployment(), prev_applied)
     } else {
         let config_map_data = validation.config_map_data.as_ref().map(|d| {
             d.iter()
@@ -151,23 +153,32 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         });
         let (config, _) = declared_config(&cs.spec, config_map_data.as_ref());
         let desired = build::build(cs, &config);
-        let result = apply::apply(&ctx.client, &ctx.stores, &desired).await?;
-        ctx.metrics.wrote("children", u64::from(result.writes));
-        if result.writes > 0 {
-            info!(writes = result.writes, config_hash = %desired.config_hash, "applied children");
+        match apply::apply(&ctx.client, &ctx.stores, &desired).await {
+            Ok(result) => {
+                ctx.metrics.wrote("children", u64::from(result.writes));
+                if result.writes > 0 {
+                    info!(writes = result.writes, config_hash = %desired.config_hash, "applied children");
+                }
+                let applied =
+                    if prev.applied_config_hash.as_deref() == Some(desired.config_hash.as_str()) {
+                        // Same configuration: keep the generation that first rolled it out.
+                        prev.applied_config_hash
+                            .clone()
+                            .zip(prev.applied_generation.or(cs.metadata.generation))
+                    } else {
+                        Some((
+                            desired.config_hash.clone(),
+                            cs.metadata.generation.unwrap_or(0),
+                        ))
+                    };
+                (Some(result.deployment), applied)
+            }
+            Err(e) => {
+                // Said on the status too, then retried through the error policy.
+                apply_error = Some(e);
+                (live_deployment(), prev_applied)
+            }
         }
-        let applied = if prev.applied_config_hash.as_deref() == Some(desired.config_hash.as_str()) {
-            // Same configuration: keep the generation that first rolled it out.
-            prev.applied_config_hash
-                .clone()
-                .zip(prev.applied_generation.or(cs.metadata.generation))
-        } else {
-            Some((
-                desired.config_hash.clone(),
-                cs.metadata.generation.unwrap_or(0),
-            ))
-        };
-        (Some(result.deployment), applied)
     };
 
     // 4. Status, from what was applied and what the pods report.
@@ -187,6 +198,7 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         rollout: deployment.as_deref().map(Rollout::of),
         startup_failures: status::startup_failures(&pods, CONTAINER_NAME),
         applied,
+        apply_error: apply_error.as_ref().map(ToString::to_string),
     };
     let next = status::desired_status(cs.status.as_ref(), &observed, &(ctx.clock)());
     if cs.status.as_ref() != Some(&next) {
@@ -195,6 +207,9 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
             .map_err(|source| Error::Status { object, source })?;
         ctx.metrics.wrote("status", 1);
         publish_transitions(ctx, cs, &prev, &next).await;
+    }
+    if let Some(e) = apply_error {
+        return Err(e.into());
     }
     Ok(Action::requeue(ctx.resync))
 }

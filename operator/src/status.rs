@@ -79,6 +79,8 @@ pub struct Observed<'a> {
     pub startup_failures: Vec<StartupFailure>,
     /// Config hash and generation now rolled out (`None` when nothing ever was).
     pub applied: Option<(String, i64)>,
+    /// Why applying the children failed this time (the operator retries).
+    pub apply_error: Option<String>,
 }
 
 /// The status to write, given the previous one and what was observed at `now`.
@@ -229,6 +231,13 @@ pub fn decide(o: &Observed<'_>) -> Vec<Decided> {
 
     let reconciling: Option<(&'static str, String)> = match (stalled.is_some(), rollout) {
         (true, _) => None,
+        (false, _) if o.apply_error.is_some() => Some((
+            reason::APPLY_FAILED,
+            format!(
+                "applying the children failed, retrying: {}",
+                o.apply_error.as_deref().unwrap_or_default()
+            ),
+        )),
         (false, None) => Some((reason::CREATING, "creating the Deployment".to_owned())),
         (false, Some(r)) if !complete => Some((
             reason::ROLLING_OUT,

@@ -31,6 +31,7 @@ fn observed<'a>(v: &'a Validation, r: Option<Rollout>) -> Observed<'a> {
         rollout: r,
         startup_failures: vec![],
         applied: Some(("h".into(), 2)),
+        apply_error: None,
     }
 }
 
@@ -347,4 +348,21 @@ fn transitions_are_new_or_changed_conditions_only() {
     let c = desired_status(Some(&b), &observed(&bad, Some(rollout(2, 2, 2))), &at(3));
     let t = transitions(&b.conditions, &c.conditions);
     assert!(t.iter().any(|t| t.type_ == STALLED && t.warning));
+}
+
+#[test]
+fn a_failed_apply_is_reported_as_reconciling_and_not_ready() {
+    let v = Validation::default();
+    let mut o = observed(&v, Some(rollout(2, 2, 2)));
+    o.apply_error = Some("applying Service ns/chat: range is full".into());
+    let s = desired_status(None, &o, &at(1));
+    let r = find(&s.conditions, RECONCILING).unwrap();
+    assert_eq!(r.reason, "ApplyFailed");
+    assert!(r.message.contains("range is full"));
+    let ready = find(&s.conditions, READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ApplyFailed")
+    );
+    assert!(find(&s.conditions, STALLED).is_none());
 }
