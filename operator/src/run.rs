@@ -118,6 +118,8 @@ pub struct Health {
     /// Shutting down: not ready any more.
     pub stopping: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// The watch being waited for before the caches count as synced (diagnostics).
+    pub pending: std::sync::Mutex<&'static str>,
     /// Asks the running controller to reconcile every ChatService now.
     resync: Notify,
 }
@@ -140,6 +142,11 @@ impl Health {
         } else {
             (false, "leader: watches not synced yet")
         }
+    }
+
+    /// The kind whose watch has not listed yet ("" when synced or not leading).
+    pub fn pending_watch(&self) -> &'static str {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reconcile every ChatService now (a forced resync; used by tests and the benchmark).
@@ -260,18 +267,32 @@ pub async fn run_controller(
     let ready_health = health.clone();
     let _sync = AbortOnDrop::new(tokio::spawn(async move {
         let s = &ready_stores;
-        let all = futures::future::join_all([
-            ready_cs.wait_until_ready().boxed(),
-            s.config_maps.wait_until_ready().boxed(),
-            s.deployments.wait_until_ready().boxed(),
-            s.services.wait_until_ready().boxed(),
-            s.pod_disruption_budgets.wait_until_ready().boxed(),
-            s.pods.wait_until_ready().boxed(),
-        ]);
-        if all.await.iter().all(Result::is_ok) {
-            ready_health.synced.store(true, Ordering::SeqCst);
-            info!("watches synced");
+        let waits = [
+            ("chatservices", ready_cs.wait_until_ready().boxed()),
+            ("configmaps", s.config_maps.wait_until_ready().boxed()),
+            ("deployments", s.deployments.wait_until_ready().boxed()),
+            ("services", s.services.wait_until_ready().boxed()),
+            (
+                "poddisruptionbudgets",
+                s.pod_disruption_budgets.wait_until_ready().boxed(),
+            ),
+            ("pods", s.pods.wait_until_ready().boxed()),
+        ];
+        for (kind, wait) in waits {
+            *ready_health
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = kind;
+            if wait.await.is_err() {
+                return;
+            }
         }
+        *ready_health
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = "";
+        ready_health.synced.store(true, Ordering::SeqCst);
+        info!("watches synced");
     }));
 
     let resync_health = health.clone();

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Long enough for a rollout on two busy cores, short enough to fail usefully.
-pub const TIMEOUT: Duration = Duration::from_secs(90);
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 /// The service account the chart's RBAC binds (release name = namespace name).
 pub const OPERATOR_SA: &str = "chatgate-operator";
 
@@ -183,7 +183,8 @@ impl Operator {
                 Some(task) => format!("the operator ended: {:?}", task.await),
                 None => "the operator is still running".to_owned(),
             };
-            bail!("{e}; readiness: {why}; {ended}");
+            let pending = self.health.pending_watch();
+            bail!("{e}; readiness: {why}; waiting for the {pending} watch; {ended}");
         }
         Ok(())
     }
