@@ -47,8 +47,13 @@ crds: ## regenerate crds/ (and the chart's copy) from the Rust types
 crds-check: ## fail when crds/ is stale
 	hack/gen-crds.sh --check
 
-bench: ## service vs FastAPI peer, side by side; operator at 500 ChatServices
+bench: k8s-bins ## service vs FastAPI peer side by side, then the operator at 500 ChatServices
 	hack/bench.sh
+	$(MAKE) bench-operator
+
+bench-operator: k8s-bins ## the operator at 500 ChatServices on the local control plane
+	$(CARGO) build --release -p chatgate-operator
+	$(CARGO) test --release -p chatgate-tests --test operator_bench -- --ignored --nocapture
 
 clean:
 	$(CARGO) clean
