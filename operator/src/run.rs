@@ -255,20 +255,28 @@ pub async fn run_controller(
     .default_backoff()
     .touched_objects();
     // Baselines may live in other namespaces: watched cluster-wide even when scoped.
-    let baselines = watcher(
-        Api::<ChatService>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+    // This cache's first list is also what readiness waits on for ChatServices (the
+    // controller's own store did not signal readiness reliably in the test cluster).
+    let (chat_services_listed, baselines_writer) = reflector::store();
+    let baselines = reflector::reflector(
+        baselines_writer,
+        watcher(
+            Api::<ChatService>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff(),
     )
-    .default_backoff()
     .touched_objects();
 
     let ready_stores = stores.clone();
-    let ready_cs = cs_store.clone();
     let ready_health = health.clone();
     let _sync = AbortOnDrop::new(tokio::spawn(async move {
         let s = &ready_stores;
         let waits = [
-            ("chatservices", ready_cs.wait_until_ready().boxed()),
+            (
+                "chatservices",
+                chat_services_listed.wait_until_ready().boxed(),
+            ),
             ("configmaps", s.config_maps.wait_until_ready().boxed()),
             ("deployments", s.deployments.wait_until_ready().boxed()),
             ("services", s.services.wait_until_ready().boxed()),
