@@ -19,7 +19,7 @@ echo "==> installing the ChatService CRD" >&2
 "$KUBECTL" wait --for=condition=Established crd/chatservices.chatgate.dev --timeout=60s >&2
 
 echo "==> starting the operator (log: $STATE/operator.log)" >&2
-target/release/chatgate-operator run >"$STATE/operator.log" 2>&1 &
+target/release/chatgate-operator run --http 127.0.0.1:8081 >"$STATE/operator.log" 2>&1 &
 pids+=($!)
 
 echo "==> applying examples/chatservice-dev.yaml" >&2
