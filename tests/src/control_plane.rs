@@ -406,7 +406,7 @@ impl Starting {
             &[
                 "127.0.0.1",
                 "localhost",
-                "10.0.0.1",
+                "10.96.0.1",
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
@@ -473,7 +473,7 @@ impl Starting {
             arg("advertise-address", &"127.0.0.1"),
             // Endpoints may not point at loopback; nothing in-cluster dials the API.
             arg("endpoint-reconciler-type", &"none"),
-            arg("service-cluster-ip-range", &"10.0.0.0/24"),
+            arg("service-cluster-ip-range", &"10.96.0.0/16"),
             arg("allow-privileged", &"true"),
             arg("authorization-mode", &"Node,RBAC"),
             arg("service-account-issuer", &format!("{server}/")),
