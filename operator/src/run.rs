@@ -415,7 +415,7 @@ pub async fn run(
                 .lease_grace_seconds
                 .clamp(1, options.lease_duration_seconds.max(2) - 1),
         )
-        .with_field_manager(format!("{CONTROLLER_NAME}-lease"))
+        .with_field_manager(lease_field_manager(&identity))
         .build()
         .await?;
     let (mut leading, task) = manager.watch().await;
@@ -477,6 +477,23 @@ pub async fn run(
     Ok(())
 }
 
+/// The field manager an instance acquires the Lease with. It must differ per
+/// instance: the lease manager takes an orphaned Lease with a server-side apply, and
+/// only a *different* manager owning `holderIdentity` makes a competing apply fail
+/// with a conflict. One shared name let two instances both "acquire" the Lease.
+pub fn lease_field_manager(identity: &str) -> String {
+    // The API server caps field manager names at 128 bytes.
+    let mut name = format!("{CONTROLLER_NAME}-lease-{identity}");
+    if name.len() > 128 {
+        let mut cut = 128;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    name
+}
+
 async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
     let app = Router::new()
         .route("/healthz", get(healthz))
@@ -520,4 +537,18 @@ async fn metrics(
         )],
         h.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_field_manager;
+
+    #[test]
+    fn each_instance_acquires_the_lease_under_its_own_field_manager() {
+        let a = lease_field_manager("chatgate-operator-7d9f-abcde");
+        let b = lease_field_manager("chatgate-operator-7d9f-fghij");
+        assert_ne!(a, b);
+        assert_eq!(a, "chatgate-operator-lease-chatgate-operator-7d9f-abcde");
+        assert!(lease_field_manager(&"é".repeat(100)).len() <= 128);
+    }
 }

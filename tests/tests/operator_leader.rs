@@ -6,7 +6,7 @@ mod operator_support;
 
 use anyhow::{Context, Result, bail};
 use chatgate_operator::crd::ChatService;
-use chatgate_operator::run::LEASE_NAME;
+use chatgate_operator::run::{LEASE_NAME, lease_field_manager};
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -85,6 +85,26 @@ async fn of_two_instances_one_leads_and_killing_it_hands_over() -> Result<()> {
         };
     leader.wait_leading(TIMEOUT).await?;
     let leases: Api<Lease> = ns.api(admin.clone());
+    assert_eq!(holder(&leases).await.as_deref(), Some(leader_id));
+
+    // A standby that read the Lease as orphaned (a stale read, or both instances
+    // starting at once) takes it with a server-side apply; that apply must conflict
+    // with the leader's ownership of `holderIdentity`, or there would be two leaders.
+    let stale_take = leases
+        .patch(
+            LEASE_NAME,
+            &PatchParams::apply(&lease_field_manager(standby_id)),
+            &Patch::Apply(json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "spec": {"holderIdentity": standby_id},
+            })),
+        )
+        .await;
+    match stale_take {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        other => bail!("a standby's apply of holderIdentity must conflict, got {other:?}"),
+    }
     assert_eq!(holder(&leases).await.as_deref(), Some(leader_id));
 
     // Both are alive and ready; only the leader says it leads.
