@@ -494,6 +494,16 @@ pub const KEYS: &[KeySpec] = &[
         description: "Frames queued per socket; a client that lets it fill is disconnected (1013) instead of growing memory.",
     },
     KeySpec {
+        key: "CHATGATE_SEND_TIMEOUT_SECONDS",
+        kind: ValueKind::Integer { min: 1, max: 300 },
+        default: Some("10"),
+        secret: false,
+        required_in: &[],
+        required_when: None,
+        parity: ParityRule::Free,
+        description: "A frame the client has not taken off the socket within this time means it stopped reading; it is disconnected.",
+    },
+    KeySpec {
         key: "CHATGATE_ALLOWED_ORIGINS",
         kind: ValueKind::List(None),
         default: None,

@@ -204,6 +204,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(30),
             send_queue: 8,
+            send_timeout: Duration::from_secs(10),
             allowed_origins: vec![],
         })
     }

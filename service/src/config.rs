@@ -105,6 +105,7 @@ pub fn service_of(key: &str) -> CriticalService {
         | "CHATGATE_IDLE_TIMEOUT_SECONDS"
         | "CHATGATE_KEEPALIVE_SECONDS"
         | "CHATGATE_SEND_QUEUE"
+        | "CHATGATE_SEND_TIMEOUT_SECONDS"
         | "CHATGATE_ALLOWED_ORIGINS" => CriticalService::WsBridge,
         "CHATGATE_RUNS_PER_MINUTE" => CriticalService::AgentSupervisor,
         // Process-wide keys (environment, listen address, protocol, logging,
@@ -171,6 +172,8 @@ pub struct BridgeSettings {
     pub idle_timeout: Duration,
     pub keepalive: Duration,
     pub send_queue: usize,
+    /// A send blocked this long means the client stopped reading.
+    pub send_timeout: Duration,
     /// Empty: any origin (and requests without `Origin`, i.e. non-browsers).
     pub allowed_origins: Vec<String>,
 }
@@ -249,6 +252,7 @@ impl ServiceConfig {
                 ),
                 keepalive: Duration::from_secs(parse.value("CHATGATE_KEEPALIVE_SECONDS", 30)),
                 send_queue: parse.value("CHATGATE_SEND_QUEUE", 64),
+                send_timeout: Duration::from_secs(parse.value("CHATGATE_SEND_TIMEOUT_SECONDS", 10)),
                 allowed_origins: parse
                     .text("CHATGATE_ALLOWED_ORIGINS")
                     .unwrap_or_default()

@@ -24,8 +24,6 @@ use tracing::{Instrument, debug, info, info_span};
 /// buffer for a larger frame (up to the message limit) when one arrives. The
 /// default (128 KiB) would make every idle socket cost more than the whole budget.
 const READ_BUFFER_BYTES: usize = 1024;
-/// A write that cannot complete in this time means the client stopped reading.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing socket waits for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -191,7 +189,7 @@ impl Connection {
     async fn chat(&self, socket: &mut WebSocket) -> Ending {
         let settings = self.services.bridge.settings();
         let hello = ServerEvent::connected(&*self.user, &self.admission.connection_id);
-        if send(socket, &hello).await.is_err() {
+        if send(socket, &hello, settings.send_timeout).await.is_err() {
             return Ending::SlowReader;
         }
         let mut lane: Option<ChatLane> = None;
@@ -233,7 +231,7 @@ impl Connection {
                     };
                     if let Some(reply) = reply {
                         self.count(&reply);
-                        if send(socket, &reply).await.is_err() {
+                        if send(socket, &reply, settings.send_timeout).await.is_err() {
                             return Ending::SlowReader;
                         }
                     }
@@ -241,7 +239,7 @@ impl Connection {
                 next = next_from(&mut lane) => match next {
                     LaneEvent::Event(event) => {
                         self.count(&event);
-                        if send(socket, &event).await.is_err() {
+                        if send(socket, &event, settings.send_timeout).await.is_err() {
                             return Ending::SlowReader;
                         }
                     }
@@ -257,7 +255,7 @@ impl Connection {
                     // A ping makes live clients answer (resetting the idle clock)
                     // and keeps proxies from cutting a quiet socket.
                     let ping = socket.send(Message::Ping(Default::default()));
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
+                    if !matches!(tokio::time::timeout(settings.send_timeout, ping).await, Ok(Ok(()))) {
                         return Ending::SlowReader;
                     }
                     tick.as_mut().reset(now + tick_every);
@@ -312,8 +310,8 @@ async fn next_from(lane: &mut Option<ChatLane>) -> LaneEvent {
 }
 
 /// Sends one frame; an error means the socket is unusable (or the client stopped
-/// reading for longer than [`WRITE_TIMEOUT`]).
-async fn send(socket: &mut WebSocket, event: &ServerEvent) -> Result<(), ()> {
+/// reading for longer than `timeout`, `CHATGATE_SEND_TIMEOUT_SECONDS`).
+async fn send(socket: &mut WebSocket, event: &ServerEvent, timeout: Duration) -> Result<(), ()> {
     // Serialising a wire type cannot fail (no maps with non-string keys).
     let text = serde_json::to_string(event).unwrap_or_default();
     let mut sending = std::pin::pin!(socket.send(Message::Text(text.into())));
@@ -322,7 +320,7 @@ async fn send(socket: &mut WebSocket, event: &ServerEvent) -> Result<(), ()> {
     if let std::task::Poll::Ready(result) = futures::poll!(sending.as_mut()) {
         return result.map_err(|_| ());
     }
-    match tokio::time::timeout(WRITE_TIMEOUT, sending).await {
+    match tokio::time::timeout(timeout, sending).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

@@ -498,15 +498,7 @@ async fn a_socket_that_goes_silent_is_closed_after_the_idle_timeout() {
     // Not reading means not answering the keepalive pings either: from the
     // service's side the socket is silent, as a dead peer's would be. Wait for the
     // service to count the close, then read what it sent.
-    eventually("the service closed the idle socket", || async {
-        let (_, metrics, _) = service.get("/metrics").await?;
-        metrics
-            .as_str()?
-            .contains("chatgate_ws_closes_total{code=\"1000\"} 1")
-            .then_some(())
-    })
-    .await
-    .expect("idle close");
+    metric_reaches(&service, "chatgate_ws_closes_total{code=\"1000\"} 1").await;
     assert!(started.elapsed() >= std::time::Duration::from_secs(5));
     assert_eq!(raw_close_code(socket).await, 1000);
 }
@@ -537,4 +529,69 @@ async fn raw_close_code(socket: Socket) -> u16 {
         at += 2 + len;
     }
     panic!("no close frame in {bytes:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_others_are_not_affected() {
+    let service = ServiceBuilder::new()
+        .env("CHATGATE_SEND_TIMEOUT_SECONDS", "1")
+        .start()
+        .await;
+    // A client with a tiny receive buffer that never reads: the service's pongs
+    // pile up in the kernel until a send cannot complete.
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let addr = service.addr.parse().expect("a socket address");
+    let tcp = tcp.connect(addr).await.expect("connect");
+    let mut request = service.ws_url().into_client_request().expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {}", token("stan"))).expect("header"),
+    );
+    let (socket, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("upgrade");
+    let (mut sink, _never_read) = socket.split();
+    let flood = tokio::spawn(async move {
+        let ping = Message::Text(r#"{"type":"ping"}"#.into());
+        // Bounded in count and time; a send that blocks means the service stopped
+        // reading this socket (it is blocked on, or done with, its own send).
+        for sent in 0..1_000_000u32 {
+            match tokio::time::timeout(PATIENCE, sink.send(ping.clone())).await {
+                Ok(Ok(())) => {}
+                _ => return sent,
+            }
+        }
+        1_000_000
+    });
+
+    metric_reaches(&service, "chatgate_ws_closes_total{code=\"1013\"} 1").await;
+    flood.abort();
+    assert!(
+        service.stderr().contains("the client stopped reading"),
+        "{}",
+        service.stderr()
+    );
+    let (_, metrics, _) = service.get("/metrics").await.expect("metrics");
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("chatgate_ws_active_connections 0"),
+        "{metrics}"
+    );
+    // The service itself is fine: another user chats on.
+    let mut other = service.connect_as("tina").await;
+    send_json(&mut other, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut other).await["type"], "pong");
+}
+
+/// Waits until the service's `/metrics` holds `sample` (a `name{labels} value` line).
+async fn metric_reaches(service: &Service, sample: &str) {
+    eventually(&format!("/metrics shows {sample}"), || async {
+        let (_, metrics, _) = service.get("/metrics").await?;
+        metrics.as_str()?.contains(sample).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
