@@ -67,6 +67,11 @@ impl ChatLane {
         }
     }
 
+    /// An event already queued for the client, without waiting.
+    pub fn try_next(&mut self) -> Option<ServerEvent> {
+        self.events.try_recv().ok()
+    }
+
     /// The next event for the client, or the news that the client let the queue
     /// fill. Cancel-safe: a lost race leaves the event queued and the overflow
     /// signal stored.

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-/// How long open sockets get, after their 1012 close, before the process exits
-/// anyway (the drain delay comes before this).
+/// How long stopping agent runs and closing open sockets with 1012 may take,
+/// together, before the process exits anyway (the drain delay comes before this).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long a readiness check may wait on the thread store.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -268,8 +268,20 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     // Runs still going end with `error shutting_down` (the client resends after
     // reconnecting), then every socket is told 1012.
     supervisor.shutdown();
+    // One deadline for both steps, so the pod's grace period (drain + margin) holds.
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    // Cancelled runs queue their last event before the sockets hear 1012.
+    if tokio::time::timeout_at(deadline, supervisor.wait_idle())
+        .await
+        .is_err()
+    {
+        warn!(
+            still_running = supervisor.active_runs(),
+            "agent runs did not stop in time; closing their sockets anyway"
+        );
+    }
     let open = bridge.open();
-    if tokio::time::timeout(CLOSE_GRACE, bridge.close_all())
+    if tokio::time::timeout_at(deadline, bridge.close_all())
         .await
         .is_err()
     {

@@ -206,6 +206,15 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = &mut restarting => {
+                    // Runs were stopped before the restart was announced; what they
+                    // queued last (`error shutting_down`) still reaches the client,
+                    // so it knows to resend after reconnecting.
+                    while let Some(event) = lane.as_mut().and_then(ChatLane::try_next) {
+                        self.count(&event);
+                        if send(socket, &event, settings.send_timeout).await.is_err() {
+                            return Ending::SlowReader;
+                        }
+                    }
                     return Ending::ByServer(close_code::SERVICE_RESTART, "service restart");
                 }
                 incoming = socket.recv() => {

@@ -2,9 +2,11 @@
 //! protocol's errors, limits, and the drain on SIGTERM.
 
 mod common;
+mod openai_fixture;
 
 use common::*;
 use futures::{SinkExt, StreamExt};
+use openai_fixture::{Fixture, Scenario};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -594,4 +596,45 @@ async fn metric_reaches(service: &Service, sample: &str) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn sigterm_during_a_run_tells_the_client_shutting_down_before_1012() {
+    // A model that streams one delta and then never finishes: the run is still
+    // going when the drain ends.
+    let model = Fixture::start(Scenario::Stall).await;
+    let mut service = ServiceBuilder::new()
+        .env("CHATGATE_DRAIN_SECONDS", "1")
+        .env("CHATGATE_LLM_PROVIDER", "openai")
+        .env("CHATGATE_LLM_BASE_URL", &model.base_url)
+        .env("CHATGATE_LLM_API_KEY", "sk-test")
+        .start()
+        .await;
+    let mut socket = service.connect_as("ursula").await;
+    send_json(
+        &mut socket,
+        json!({"type": "user_message", "payload": {"content": "a long answer, please"}}),
+    )
+    .await;
+    loop {
+        let event = next_json(&mut socket).await;
+        assert_ne!(event["type"], "error", "{event}");
+        if event["type"] == "agent_response" {
+            break;
+        }
+    }
+    service.signal("TERM");
+    let last = next_json(&mut socket).await;
+    assert_eq!(
+        (last["type"].as_str(), last["code"].as_str()),
+        (Some("error"), Some("shutting_down")),
+        "{last}"
+    );
+    assert_eq!(close_code(&mut socket).await, 1012);
+    assert_eq!(
+        service.exit_status().await.code(),
+        Some(0),
+        "{}",
+        service.stderr()
+    );
 }
