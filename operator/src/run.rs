@@ -15,6 +15,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -203,6 +204,16 @@ where
     (reader, stream)
 }
 
+/// Resolves to true once `store`'s watch has listed everything, false if the watch
+/// ended first.
+fn ready<K>(store: &Store<K>) -> BoxFuture<'static, bool>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let store = store.clone();
+    async move { store.wait_until_ready().await.is_ok() }.boxed()
+}
+
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
@@ -236,9 +247,27 @@ pub async fn run_controller(
         pods,
     };
 
-    let chat_services: Api<ChatService> = api(&client, ns);
-    let controller = Controller::new(chat_services, watcher::Config::default().any_semantic());
-    let cs_store = controller.store();
+    // The ChatService watch is built here rather than by `Controller::new` so that
+    // readiness can observe its first complete list on the stream itself. Waiting on
+    // the controller's store (`Store::wait_until_ready`) instead never returns: the
+    // controller waits on the same one-shot, which keeps only the last waiter's waker.
+    let (cs_store, cs_writer) = reflector::store();
+    let (listed_tx, listed) = watch::channel(false);
+    let chat_services = reflector::reflector(
+        cs_writer,
+        watcher(
+            api::<ChatService>(&client, ns),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff(),
+    )
+    .inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            listed_tx.send_replace(true);
+        }
+    })
+    .applied_objects();
+    let controller = Controller::for_stream(chat_services, cs_store.clone());
 
     // Referenced objects, mapped back to the ChatServices that use them. Secrets are
     // watched as metadata only: their values never enter the operator's memory.
@@ -255,43 +284,42 @@ pub async fn run_controller(
     .default_backoff()
     .touched_objects();
     // Baselines may live in other namespaces: watched cluster-wide even when scoped.
-    // This cache's first list is also what readiness waits on for ChatServices (the
-    // controller's own store did not signal readiness reliably in the test cluster).
-    let (chat_services_listed, baselines_writer) = reflector::store();
-    let baselines = reflector::reflector(
-        baselines_writer,
-        watcher(
-            Api::<ChatService>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff(),
+    // Only changes are needed (the mapper finds the ChatServices comparing with
+    // one), so no second cache of ChatServices is kept.
+    let baselines = watcher(
+        Api::<ChatService>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
     )
+    .default_backoff()
     .touched_objects();
 
     let ready_stores = stores.clone();
     let ready_health = health.clone();
     let _sync = AbortOnDrop::new(tokio::spawn(async move {
         let s = &ready_stores;
-        let waits = [
+        // Each store below has this task as its only waiter (see above for why that
+        // matters). A `false` means the watch is gone: the controller is stopping.
+        let waits: [(&str, BoxFuture<'static, bool>); 6] = [
             (
                 "chatservices",
-                chat_services_listed.wait_until_ready().boxed(),
+                async move {
+                    let mut listed = listed;
+                    listed.wait_for(|l| *l).await.is_ok()
+                }
+                .boxed(),
             ),
-            ("configmaps", s.config_maps.wait_until_ready().boxed()),
-            ("deployments", s.deployments.wait_until_ready().boxed()),
-            ("services", s.services.wait_until_ready().boxed()),
-            (
-                "poddisruptionbudgets",
-                s.pod_disruption_budgets.wait_until_ready().boxed(),
-            ),
-            ("pods", s.pods.wait_until_ready().boxed()),
+            ("configmaps", ready(&s.config_maps)),
+            ("deployments", ready(&s.deployments)),
+            ("services", ready(&s.services)),
+            ("poddisruptionbudgets", ready(&s.pod_disruption_budgets)),
+            ("pods", ready(&s.pods)),
         ];
         for (kind, wait) in waits {
             *ready_health
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = kind;
-            if wait.await.is_err() {
+            if !wait.await {
                 return;
             }
         }
