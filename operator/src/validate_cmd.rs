@@ -242,10 +242,15 @@ struct RuleViolation {
     rule: String,
 }
 
-/// The CRD's `openAPIV3Schema` as JSON, and a CEL validator for its rules.
+/// The CRD's `openAPIV3Schema` as JSON, a CEL validator for its rules, and the
+/// same schema compiled as JSON Schema for its structural constraints.
 struct CrdRules {
     schema: serde_json::Value,
     validator: kube_cel::Validator,
+    /// `minimum`/`maximum`, lengths, `enum`, `pattern`, `required`, types.
+    structure: jsonschema::Validator,
+    /// The schema `structure` was compiled from, to quote a broken constraint.
+    structure_schema: serde_json::Value,
 }
 
 impl fmt::Debug for CrdRules {
@@ -265,8 +270,12 @@ impl CrdRules {
             .as_ref()?
             .open_api_v3_schema
             .as_ref()?;
+        let schema = serde_json::to_value(schema).ok()?;
+        let structure_schema = as_json_schema(schema.clone());
         Some(CrdRules {
-            schema: serde_json::to_value(schema).ok()?,
+            structure: jsonschema::draft4::new(&structure_schema).ok()?,
+            structure_schema,
+            schema,
             validator: kube_cel::Validator::new(),
         })
     }
@@ -277,19 +286,76 @@ impl CrdRules {
         let Ok(object) = serde_json::to_value(manifest) else {
             return Vec::new(); // non-string keys: already refused by deserialization
         };
-        match self.validator.validate(&self.schema, &object, None) {
-            Ok(()) => Vec::new(),
-            Err(errors) => errors
-                .as_slice()
-                .iter()
-                .map(|e| RuleViolation {
-                    field: e.field_path.trim_start_matches('.').to_string(),
-                    message: e.message.clone(),
-                    rule: e.rule.clone(),
-                })
-                .collect(),
+        let mut violations: Vec<RuleViolation> = self
+            .structure
+            .iter_errors(&object)
+            .map(|e| {
+                let keyword = e.kind().keyword().to_string();
+                let constraint = self
+                    .structure_schema
+                    .pointer(e.schema_path().as_str())
+                    .map(|v| format!("{keyword}: {v}"))
+                    .unwrap_or(keyword);
+                RuleViolation {
+                    field: dotted(e.instance_path().as_str()),
+                    message: e.to_string(),
+                    rule: constraint,
+                }
+            })
+            .collect();
+        if let Err(errors) = self.validator.validate(&self.schema, &object, None) {
+            violations.extend(errors.as_slice().iter().map(|e| RuleViolation {
+                field: e.field_path.trim_start_matches('.').to_string(),
+                message: e.message.clone(),
+                rule: e.rule.clone(),
+            }));
+        }
+        violations
+    }
+}
+
+/// A Kubernetes structural schema as plain JSON Schema: `nullable: true` becomes a
+/// `null` in `type`, as the API server accepts an explicit null for such a field.
+fn as_json_schema(mut schema: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match &mut schema {
+        Value::Object(node) => {
+            if node.get("nullable") == Some(&Value::Bool(true))
+                && let Some(Value::String(kind)) = node.get("type")
+            {
+                let kind = kind.clone();
+                node.insert("type".into(), serde_json::json!([kind, "null"]));
+            }
+            for value in node.values_mut() {
+                *value = as_json_schema(value.take());
+            }
+        }
+        Value::Array(items) => {
+            for item in items.iter_mut() {
+                *item = as_json_schema(item.take());
+            }
+        }
+        _ => {}
+    }
+    schema
+}
+
+/// A JSON pointer (`/spec/replicas`, `/spec/env/0`) as a field path (`spec.replicas`,
+/// `spec.env[0]`), the form the rest of the report uses.
+fn dotted(pointer: &str) -> String {
+    let mut path = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if segment.parse::<usize>().is_ok() {
+            path.push_str(&format!("[{segment}]"));
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&segment);
         }
     }
+    path
 }
 
 /// Everything read from the inputs, by `(namespace, name)`.
@@ -878,6 +944,33 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_crd_compiles_both_as_cel_rules_and_as_a_json_schema() {
+        assert!(CrdRules::new().is_some());
+    }
+
+    #[test]
+    fn a_null_is_allowed_where_the_crd_says_nullable() {
+        let schema = as_json_schema(serde_json::json!({
+            "type": "object",
+            "properties": {"resources": {"type": "object", "nullable": true}},
+        }));
+        let validator = jsonschema::draft4::new(&schema).expect("compiles");
+        assert!(validator.is_valid(&serde_json::json!({"resources": null})));
+        assert!(!validator.is_valid(&serde_json::json!({"resources": 3})));
+    }
+
+    #[test]
+    fn json_pointers_read_as_field_paths() {
+        assert_eq!(dotted("/spec/replicas"), "spec.replicas");
+        assert_eq!(dotted("/spec/env/0/name"), "spec.env[0].name");
+        assert_eq!(
+            dotted("/metadata/annotations/a~1b"),
+            "metadata.annotations.a/b"
+        );
+        assert_eq!(dotted(""), "");
+    }
 
     #[test]
     fn documents_are_split_at_markers_with_their_first_line() {

@@ -561,6 +561,33 @@ fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
 }
 
 #[test]
+fn values_outside_the_crds_openapi_constraints_are_reported() {
+    let production = std::fs::read_to_string(fixtures().join("production.yaml"))
+        .unwrap()
+        .replace("replicas: 3", "replicas: 5000")
+        .replace(
+            "image: ghcr.io/chatgate/chatgate-service:1.4.2",
+            "image: \"\"",
+        );
+    let out = validate_with_stdin(&["-", "-o", "json"], Some(&production));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report = json(&out);
+    let found = problems(&report);
+    assert_eq!(
+        found,
+        [
+            triple("chat-production/chat", "spec.image", "type"),
+            triple("chat-production/chat", "spec.replicas", "type"),
+        ],
+        "{report}"
+    );
+    let text = report.to_string();
+    assert!(text.contains("greater than the maximum of 1000"), "{text}");
+    assert!(text.contains("`maximum: 1000"), "{text}");
+    assert!(text.contains("`minLength: 1`"), "{text}");
+}
+
+#[test]
 fn the_repositorys_examples_pass() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut files: Vec<String> = std::fs::read_dir(&examples)
