@@ -540,14 +540,17 @@ fn the_service_the_operator_and_validate_report_the_same_keys() {
     }
 }
 
-#[test]
-fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
-    let production = std::fs::read_to_string(fixtures().join("production.yaml"))
-        .unwrap()
-        .replace("replicas: 3", "replicas: 1");
+/// The production fixture changed by `edit`, validated: it must exit 1; its JSON report.
+fn production_failing_with(edit: impl Fn(String) -> String) -> serde_json::Value {
+    let production = edit(std::fs::read_to_string(fixtures().join("production.yaml")).unwrap());
     let out = validate_with_stdin(&["-", "-o", "json"], Some(&production));
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    let report = json(&out);
+    json(&out)
+}
+
+#[test]
+fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
+    let report = production_failing_with(|p| p.replace("replicas: 3", "replicas: 1"));
     let found = problems(&report);
     assert_eq!(
         found,
@@ -562,16 +565,12 @@ fn a_manifest_the_api_server_would_refuse_is_reported_with_the_crd_rule() {
 
 #[test]
 fn values_outside_the_crds_openapi_constraints_are_reported() {
-    let production = std::fs::read_to_string(fixtures().join("production.yaml"))
-        .unwrap()
-        .replace("replicas: 3", "replicas: 5000")
-        .replace(
+    let report = production_failing_with(|p| {
+        p.replace("replicas: 3", "replicas: 5000").replace(
             "image: ghcr.io/chatgate/chatgate-service:1.4.2",
             "image: \"\"",
-        );
-    let out = validate_with_stdin(&["-", "-o", "json"], Some(&production));
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    let report = json(&out);
+        )
+    });
     let found = problems(&report);
     assert_eq!(
         found,
