@@ -180,7 +180,7 @@ pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
     }
 
     let selector = meta::selector_labels(&name);
-    let deployment: Deployment = typed(json!({
+    let mut deployment = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(name.clone()),
@@ -217,7 +217,17 @@ pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
                 },
             },
         },
-    }));
+    });
+    if let Some(scheduling) = &spec.scheduling {
+        let pod = &mut deployment["spec"]["template"]["spec"];
+        if !scheduling.node_selector.is_empty() {
+            pod["nodeSelector"] = json!(scheduling.node_selector);
+        }
+        if !scheduling.tolerations.is_empty() {
+            pod["tolerations"] = serde_json::to_value(&scheduling.tolerations).unwrap_or_default();
+        }
+    }
+    let deployment: Deployment = typed(deployment);
 
     let service: Service = typed(json!({
         "apiVersion": "v1",

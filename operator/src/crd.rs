@@ -6,7 +6,7 @@
 //! message a person understands before the operator ever sees it.
 
 use chatgate_contract::{CriticalService, Environment};
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -96,6 +96,23 @@ pub struct ChatServiceSpec {
     /// Compare this (non-production) configuration with its production baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parity: Option<ParitySpec>,
+
+    /// Which nodes the pods may run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+}
+
+/// Node placement of the pods, passed to the pod template as written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Labels a node must carry for the pods to run on it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Node taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 fn default_replicas() -> i32 {

@@ -117,6 +117,20 @@ impl ChatServiceBuilder {
         self
     }
 
+    /// Pods only on nodes labelled `label=value` that tolerate taint `taint_key`.
+    pub fn on_nodes(mut self, label: &str, value: &str, taint_key: &str) -> Self {
+        self.cs.spec.scheduling = Some(crate::crd::SchedulingSpec {
+            node_selector: [(label.to_owned(), value.to_owned())].into(),
+            tolerations: vec![k8s_openapi::api::core::v1::Toleration {
+                key: Some(taint_key.to_owned()),
+                operator: Some("Exists".to_owned()),
+                effect: Some("NoSchedule".to_owned()),
+                ..Default::default()
+            }],
+        });
+        self
+    }
+
     pub fn build(self) -> ChatService {
         self.cs
     }

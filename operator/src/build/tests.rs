@@ -372,3 +372,23 @@ fn render_yaml_has_one_document_per_child() {
         "{yaml}"
     );
 }
+
+#[test]
+fn scheduling_reaches_the_pod_template_and_is_absent_by_default() {
+    let pod = pod_spec(&built(&default_cs())).clone();
+    assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
+
+    let cs = ChatService::test("chat")
+        .on_nodes("pool", "chat", "dedicated")
+        .build();
+    let d = built(&cs);
+    let pod = pod_spec(&d);
+    assert_eq!(
+        pod.node_selector.as_ref().and_then(|s| s.get("pool")),
+        Some(&"chat".to_owned())
+    );
+    let tolerations = pod.tolerations.as_ref().unwrap();
+    assert_eq!(tolerations.len(), 1);
+    assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
+    assert_eq!(tolerations[0].operator.as_deref(), Some("Exists"));
+}
