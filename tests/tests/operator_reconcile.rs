@@ -222,12 +222,7 @@ async fn a_sample_gets_children_with_exactly_the_gate_wiring_and_becomes_ready()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_change_goes_through_reconciling_to_ready() -> Result<()> {
-    let cp = ControlPlane::shared().await;
-    install_crd(cp).await?;
-    let ns = TestNamespace::new(cp, "op-rollout").await?;
-    let admin = cp.client();
-    let mut op = Operator::start(admin.clone(), ns.name(), "only");
-    op.wait_leading(TIMEOUT).await?;
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-rollout").await?;
 
     create(
         &admin,
@@ -359,14 +354,8 @@ async fn a_spec_the_operator_rejects_leaves_the_old_deployment_and_stalls() -> R
         json!({"llm": {"provider": "openai", "apiKeySecretRef": llm}}),
     )
     .await?;
-    let stalled = wait_for(
-        &chat_services,
-        "chat",
-        TIMEOUT,
-        stalled_now(reason::MISSING_REFERENCE),
-    )
-    .await?;
-    let message = &condition(&stalled, conditions::STALLED).unwrap().message;
+    let (stalled, message) =
+        wait_stalled(&chat_services, "chat", reason::MISSING_REFERENCE).await?;
     assert!(message.contains("CHATGATE_LLM_API_KEY"), "{message}");
     assert!(
         message.contains(&format!(
@@ -416,12 +405,7 @@ async fn a_spec_the_operator_rejects_leaves_the_old_deployment_and_stalls() -> R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_failing_startup_is_named_on_the_status_and_printer_column() -> Result<()> {
-    let cp = ControlPlane::shared().await;
-    install_crd(cp).await?;
-    let ns = TestNamespace::new(cp, "op-startup").await?;
-    let admin = cp.client();
-    let mut op = Operator::start(admin.clone(), ns.name(), "only");
-    op.wait_leading(TIMEOUT).await?;
+    let Setup { cp, ns, admin, op } = operator_in_new_namespace("op-startup").await?;
     create(
         &admin,
         ns.name(),
@@ -500,12 +484,7 @@ async fn a_pod_failing_startup_is_named_on_the_status_and_printer_column() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_chat_service_removes_its_children() -> Result<()> {
-    let cp = ControlPlane::shared().await;
-    install_crd(cp).await?;
-    let ns = TestNamespace::new(cp, "op-delete").await?;
-    let admin = cp.client();
-    let mut op = Operator::start(admin.clone(), ns.name(), "only");
-    op.wait_leading(TIMEOUT).await?;
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-delete").await?;
     create(
         &admin,
         ns.name(),

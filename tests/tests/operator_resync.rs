@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use chatgate_operator::crd::ChatService;
 use chatgate_tests::wait::deployment_ready;
-use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_until};
+use chatgate_tests::{wait_for, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
 use kube::api::Api;
@@ -60,12 +60,7 @@ async fn writes(client: &Client) -> Result<BTreeMap<String, f64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_with_no_change_makes_zero_write_requests() -> Result<()> {
-    let cp = ControlPlane::shared().await;
-    install_crd(cp).await?;
-    let ns = TestNamespace::new(cp, "op-resync").await?;
-    let admin = cp.client();
-    let mut op = Operator::start(admin.clone(), ns.name(), "only");
-    op.wait_leading(TIMEOUT).await?;
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-resync").await?;
 
     let names = ["one", "two", "three"];
     for name in names {

@@ -198,6 +198,25 @@ impl Drop for Operator {
     }
 }
 
+/// What most operator tests start from: the CRD installed, a fresh namespace, and one
+/// operator leading in it with its watches synced.
+pub struct Setup {
+    pub cp: &'static ControlPlane,
+    pub ns: TestNamespace,
+    pub admin: Client,
+    pub op: Operator,
+}
+
+pub async fn operator_in_new_namespace(prefix: &str) -> Result<Setup> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, prefix).await?;
+    let admin = cp.client();
+    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    op.wait_leading(TIMEOUT).await?;
+    Ok(Setup { cp, ns, admin, op })
+}
+
 /// Options for a test operator in `ns`.
 pub fn options(ns: &str, identity: &str) -> Options {
     Options {
@@ -272,6 +291,20 @@ pub fn condition_true_now(cs: &ChatService, type_: &str) -> bool {
 /// Ready=True for the current generation.
 pub fn ready_now(cs: &ChatService) -> bool {
     condition_true_now(cs, conditions::READY)
+}
+
+/// Waits until ChatService `name` is Stalled with `reason` for its current
+/// generation; the object and the Stalled condition's message.
+pub async fn wait_stalled(
+    api: &Api<ChatService>,
+    name: &str,
+    reason: &'static str,
+) -> Result<(ChatService, String)> {
+    let stalled = wait_for(api, name, TIMEOUT, stalled_now(reason)).await?;
+    let message = condition(&stalled, conditions::STALLED)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    Ok((stalled, message))
 }
 
 /// Stalled=True with `reason` for the current generation.
