@@ -206,21 +206,12 @@ impl NodeAgent {
     }
 }
 
-/// The `chatgate-service` binary next to this test binary, built first if missing or
-/// stale (a no-op when `cargo test --workspace` already built it).
+/// The `chatgate-service` binary next to this test binary. `cargo test --workspace`
+/// has built it already; it is (re)built here only when missing or older than the
+/// service's sources, as when this test binary is run on its own after an edit. (A
+/// build here resolves features for the service alone, unlike the workspace test
+/// build, so doing it unconditionally would recompile much of the dependency graph.)
 pub fn service_binary() -> Result<PathBuf> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--quiet", "-p", "chatgate-service", "--bin"])
-        .arg("chatgate-service")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .status()
-        .with_context(|| format!("running {cargo} build -p chatgate-service"))?;
-    if !status.success() {
-        bail!("cargo build -p chatgate-service failed ({status})");
-    }
     // target/debug/deps/<test> → target/debug/chatgate-service
     let exe = std::env::current_exe()?;
     let dir = exe
@@ -228,10 +219,53 @@ pub fn service_binary() -> Result<PathBuf> {
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))?;
     let binary = dir.join("chatgate-service");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+    let sources = [
+        "service/src",
+        "service/migrations",
+        "service/Cargo.toml",
+        "contract/src",
+        "contract/Cargo.toml",
+        "Cargo.lock",
+    ];
+    let newest = sources
+        .iter()
+        .filter_map(|s| newest_change(&workspace.join(s)))
+        .max();
+    if built.is_some() && newest <= built {
+        return Ok(binary);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "chatgate-service", "--bin"])
+        .arg("chatgate-service")
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .status()
+        .with_context(|| format!("running {cargo} build -p chatgate-service"))?;
+    if !status.success() {
+        bail!("cargo build -p chatgate-service failed ({status})");
+    }
     if !binary.exists() {
         bail!("{} does not exist after building it", binary.display());
     }
     Ok(binary)
+}
+
+/// The latest modification time of `path` or anything under it.
+fn newest_change(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    let own = meta.modified().ok();
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| newest_change(&entry.path()))
+        .chain(own)
+        .max()
 }
 
 /// Renews the node's heartbeat and Lease until the agent stops.
