@@ -511,15 +511,7 @@ pub async fn run(
 /// with a conflict. One shared name let two instances both "acquire" the Lease.
 pub fn lease_field_manager(identity: &str) -> String {
     // The API server caps field manager names at 128 bytes.
-    let mut name = format!("{CONTROLLER_NAME}-lease-{identity}");
-    if name.len() > 128 {
-        let mut cut = 128;
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        name.truncate(cut);
-    }
-    name
+    crate::conditions::truncate(&format!("{CONTROLLER_NAME}-lease-{identity}"), 128)
 }
 
 async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {

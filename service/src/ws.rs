@@ -210,8 +210,7 @@ impl Connection {
                     // queued last (`error shutting_down`) still reaches the client,
                     // so it knows to resend after reconnecting.
                     while let Some(event) = lane.as_mut().and_then(ChatLane::try_next) {
-                        self.count(&event);
-                        if send(socket, &event, settings.send_timeout).await.is_err() {
+                        if self.deliver(socket, &event).await.is_err() {
                             return Ending::SlowReader;
                         }
                     }
@@ -238,17 +237,15 @@ impl Connection {
                             );
                         }
                     };
-                    if let Some(reply) = reply {
-                        self.count(&reply);
-                        if send(socket, &reply, settings.send_timeout).await.is_err() {
-                            return Ending::SlowReader;
-                        }
+                    if let Some(reply) = reply
+                        && self.deliver(socket, &reply).await.is_err()
+                    {
+                        return Ending::SlowReader;
                     }
                 }
                 next = next_from(&mut lane) => match next {
                     LaneEvent::Event(event) => {
-                        self.count(&event);
-                        if send(socket, &event, settings.send_timeout).await.is_err() {
+                        if self.deliver(socket, &event).await.is_err() {
                             return Ending::SlowReader;
                         }
                     }
@@ -296,6 +293,12 @@ impl Connection {
             }
             Err(e) => Some(e.into_event()),
         }
+    }
+
+    /// Counts an event and sends it; an error means the client stopped reading.
+    async fn deliver(&self, socket: &mut WebSocket, event: &ServerEvent) -> Result<(), ()> {
+        self.count(event);
+        send(socket, event, self.services.bridge.settings().send_timeout).await
     }
 
     fn count(&self, event: &ServerEvent) {

@@ -48,7 +48,6 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use crate::control_plane::ControlPlane;
 use crate::process::{ManagedProcess, free_loopback_ports, tail};
@@ -351,7 +350,6 @@ impl Kubelet {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
         let mut events = watcher(pods, config).default_backoff().boxed();
         let mut runners: BTreeMap<String, watch::Sender<bool>> = BTreeMap::new();
-        let mut running = JoinSet::new();
         while let Some(event) = events.next().await {
             let pod = match event {
                 Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
@@ -381,7 +379,7 @@ impl Kubelet {
             runners.insert(uid, stop_tx);
             let n = self.next_ip.fetch_add(1, Ordering::Relaxed);
             let ip = format!("10.250.{}.{}", n / 250, n % 250 + 2);
-            running.spawn(self.clone().run_pod(pod, ip, stop_rx));
+            tokio::spawn(self.clone().run_pod(pod, ip, stop_rx));
         }
     }
 
