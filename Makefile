@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins cluster bench bench-operator e2e clean help
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins cluster bench bench-operator e2e image image-push clean help
 
 all: build
 
@@ -54,6 +54,12 @@ bench: k8s-bins ## service vs FastAPI peer side by side, then the operator at 50
 bench-operator: k8s-bins ## the operator at 500 ChatServices on the local control plane
 	$(CARGO) build --release -p chatgate-operator
 	$(CARGO) test --release -p chatgate-tests --test operator_bench -- --ignored --nocapture
+
+image: ## OCI images of both binaries in target/images (no container daemon needed)
+	hack/image.sh
+
+image-push: ## push the images: make image-push REGISTRY=host[:port]/path
+	REGISTRY="$(REGISTRY)" hack/image-push.sh
 
 clean:
 	$(CARGO) clean

@@ -7,6 +7,7 @@
 //! no async), so the service, the operator and the offline `validate` command can
 //! never disagree about a key.
 
+pub mod build_info;
 pub mod config;
 pub mod health;
 pub mod paths;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 #[derive(Parser, Debug)]
 #[command(
     name = "chatgate-operator",
-    version,
+    version = chatgate_contract::build_info::VERSION_LINE,
     about = "Reconciles ChatService resources into gated chat workloads"
 )]
 struct Cli {

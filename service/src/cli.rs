@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(
     name = "chatgate-service",
-    version,
+    version = chatgate_contract::build_info::VERSION_LINE,
     about = "The chatgate chat service. Configured by CHATGATE_* environment variables (see --explain)."
 )]
 pub struct Cli {

@@ -44,6 +44,27 @@ pub const BASE_URL_KEY: &str = "CHATGATE_LLM_BASE_URL";
 /// Configuration key holding the model name.
 pub const MODEL_KEY: &str = "CHATGATE_LLM_MODEL";
 
+/// Fails unless the system trust store (the image's `/etc/ssl/certs`, or
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR`) holds at least one CA certificate: without one
+/// every request to an https provider would fail its TLS handshake, run after run.
+fn trust_roots_present() -> Result<(), LlmError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(LlmError::Config {
+            key: BASE_URL_KEY,
+            problem: format!(
+                "is an https URL, but no CA certificate was found to verify it{why}; install a CA bundle at /etc/ssl/certs/ca-certificates.crt (the chatgate image ships one) or point SSL_CERT_FILE at one"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// How long a streaming reply may go without a byte before the run gives up.
 /// Generous because models can think for a while before the first token.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -199,6 +220,9 @@ impl LlmClient {
                         key: MODEL_KEY,
                         problem: "is empty; set it to the model name the provider expects, e.g. gpt-4o-mini".to_owned(),
                     });
+                }
+                if parsed.scheme() == "https" {
+                    trust_roots_present()?;
                 }
                 let http = reqwest::Client::builder()
                     .connect_timeout(CONNECT_TIMEOUT)

@@ -16,6 +16,7 @@
 
 pub mod bins;
 pub mod control_plane;
+pub mod image;
 pub mod local;
 pub mod namespace;
 pub mod node_agent;

@@ -1,6 +1,7 @@
-//! A test-side kubelet for one node that kwok does not manage: it runs the real
-//! `chatgate-service` binary for each Pod bound to its node, on a loopback port,
-//! executes the Pod's startup, readiness and liveness probes against it, and writes
+//! A test-side kubelet for one node that kwok does not manage: it runs each Pod
+//! bound to its node from the container image the Pod names (chatgate's own images,
+//! built by `make image`), executes the Pod's startup, readiness and liveness probes
+//! against it, and writes
 //! the Pod status a kubelet would (container states, `Ready`, restart counts,
 //! termination messages). With it the readiness gate is proven end to end: the
 //! Deployment the operator built gets a Ready pod only once the real service says
@@ -11,12 +12,22 @@
 //!    kwok leaves it alone, and carries a `NoSchedule` taint, so only Pods that
 //!    tolerate it (the ones a test means for the agent) land there. The agent keeps
 //!    the Node `Ready` and renews its Lease.
-//! 2. The agent watches Pods with `spec.nodeName` equal to its node and starts the
-//!    first container as a local process ([`crate::process::ManagedProcess`], so it
-//!    dies with the test). The image is not pulled: every container runs the
-//!    service binary, with the Pod's environment (`env`, `envFrom`, Secret and
-//!    ConfigMap references resolved through the API) and `CHATGATE_LISTEN` and
-//!    `CHATGATE_TERMINATION_LOG` pointed at a free loopback port and a local file.
+//! 2. The agent watches Pods with `spec.nodeName` equal to its node and runs the
+//!    first container from its image ([`crate::image`]: the image's root
+//!    filesystem in a mount namespace, as a [`crate::process::ManagedProcess`] so it
+//!    dies with the test). The image reference resolves to a locally built image by
+//!    version, revision or digest; any other is `ErrImagePull`, then
+//!    `ImagePullBackOff`, as a kubelet reports it. The container gets the Pod's
+//!    command and arguments, its environment (`env`, `envFrom`, Secret, ConfigMap
+//!    and field references resolved through the API), its user
+//!    (`securityContext.runAsUser`/`runAsGroup`, refused when `runAsNonRoot` meets
+//!    root), a read-only root when `readOnlyRootFilesystem` says so, and its volumes
+//!    (`emptyDir`, `configMap`, `secret`, and the projected service-account token
+//!    from the TokenRequest API with the cluster CA and namespace at the standard
+//!    path). `KUBERNETES_SERVICE_HOST`/`PORT` point at the loopback API server.
+//!    Every Pod shares the host's network: the service image is told to listen on
+//!    a free loopback port (`CHATGATE_LISTEN`) and its probes go there; any other
+//!    image listens on its declared container ports, which must then be free.
 //! 3. Probes follow the kubelet's rules (startup first; then readiness and
 //!    liveness; thresholds and periods from the Pod). A container that exits, or
 //!    fails its startup or liveness probe, is restarted with a back-off; its
@@ -25,22 +36,26 @@
 //!    sleep, and is then removed, as a kubelet does.
 //!
 //! Where it differs from a kubelet, on purpose: the crash back-off starts at 1 s and
-//! stops growing at 8 s (tests should not wait minutes), and Pod IPs are made-up
-//! addresses written to the status only. Nothing here dials a Pod or cluster IP.
+//! stops growing at 8 s (tests should not wait minutes), Pod IPs are made-up
+//! addresses written to the status only, and there is no network namespace per Pod
+//! (see above). Nothing here dials a Pod or cluster IP.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, Probe, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, Pod, PodSpec, Probe, Secret, ServiceAccount, Volume,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -50,6 +65,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::control_plane::ControlPlane;
+use crate::image::{Bundle, ContainerSpec, Image, Images, Mount, MountSource, unpack};
 use crate::process::{ManagedProcess, free_loopback_ports, tail};
 
 /// The taint that keeps ordinary Pods off an agent node.
@@ -132,8 +148,8 @@ impl Drop for NodeAgent {
 }
 
 impl NodeAgent {
-    /// Registers node `name` and starts serving the Pods bound to it with `binary`.
-    pub async fn start(cp: &ControlPlane, name: &str, binary: PathBuf) -> Result<NodeAgent> {
+    /// Registers node `name` and starts serving the Pods bound to it from `images`.
+    pub async fn start(cp: &ControlPlane, name: &str, images: Images) -> Result<NodeAgent> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("node-agent-{name}"))
@@ -148,6 +164,12 @@ impl NodeAgent {
             .with_context(|| format!("creating {}", workdir.display()))?;
         let records = Records::default();
         let config = cp.admin_config();
+        let api_port = cp
+            .server_url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("no port in the API server URL {}", cp.server_url()))?;
         let registered = {
             let (node, records) = (node.clone(), records.clone());
             runtime.spawn(async move {
@@ -165,7 +187,8 @@ impl NodeAgent {
                 let kubelet = Kubelet {
                     client,
                     node: node.name.clone(),
-                    binary,
+                    images: Arc::new(images),
+                    api_port,
                     workdir,
                     records,
                     next_ip: Arc::new(AtomicU32::new(0)),
@@ -203,68 +226,6 @@ impl NodeAgent {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-/// The `chatgate-service` binary next to this test binary. `cargo test --workspace`
-/// has built it already; it is (re)built here only when missing or older than the
-/// service's sources, as when this test binary is run on its own after an edit. (A
-/// build here resolves features for the service alone, unlike the workspace test
-/// build, so doing it unconditionally would recompile much of the dependency graph.)
-pub fn service_binary() -> Result<PathBuf> {
-    // target/debug/deps/<test> → target/debug/chatgate-service
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))?;
-    let binary = dir.join("chatgate-service");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-    let sources = [
-        "service/src",
-        "service/migrations",
-        "service/Cargo.toml",
-        "contract/src",
-        "contract/Cargo.toml",
-        "Cargo.lock",
-    ];
-    let newest = sources
-        .iter()
-        .filter_map(|s| newest_change(&workspace.join(s)))
-        .max();
-    if built.is_some() && newest <= built {
-        return Ok(binary);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--quiet", "-p", "chatgate-service", "--bin"])
-        .arg("chatgate-service")
-        .arg("--manifest-path")
-        .arg(workspace.join("Cargo.toml"))
-        .status()
-        .with_context(|| format!("running {cargo} build -p chatgate-service"))?;
-    if !status.success() {
-        bail!("cargo build -p chatgate-service failed ({status})");
-    }
-    if !binary.exists() {
-        bail!("{} does not exist after building it", binary.display());
-    }
-    Ok(binary)
-}
-
-/// The latest modification time of `path` or anything under it.
-fn newest_change(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    let own = meta.modified().ok();
-    if !meta.is_dir() {
-        return own;
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| newest_change(&entry.path()))
-        .chain(own)
-        .max()
 }
 
 /// Renews the node's heartbeat and Lease until the agent stops.
@@ -336,7 +297,9 @@ async fn heartbeat(client: &Client, name: &str) -> Result<()> {
 struct Kubelet {
     client: Client,
     node: String,
-    binary: PathBuf,
+    images: Arc<Images>,
+    /// The API server's loopback port, for `KUBERNETES_SERVICE_PORT`.
+    api_port: u16,
     workdir: PathBuf,
     records: Records,
     next_ip: Arc<AtomicU32>,
@@ -443,6 +406,8 @@ enum Ending {
     },
     /// The environment could not be built (a missing Secret or key).
     ConfigError,
+    /// The image could not be pulled (it is not one this node has).
+    PullFailed(String),
     /// The Pod is being deleted.
     Deleted,
 }
@@ -452,6 +417,7 @@ struct PodRunner {
     pods: Api<Pod>,
     key: (String, String),
     uid: String,
+    pod_spec: PodSpec,
     spec_container: Container,
     grace: Duration,
     ip: String,
@@ -478,7 +444,8 @@ impl PodRunner {
             pods: Api::namespaced(kubelet.client.clone(), &namespace),
             key: (namespace, pod.name_any()),
             uid: pod.uid().unwrap_or_default(),
-            spec_container: spec.containers.into_iter().next().unwrap_or_default(),
+            spec_container: spec.containers.first().cloned().unwrap_or_default(),
+            pod_spec: spec,
             grace,
             ip,
             start_time: now(),
@@ -491,8 +458,61 @@ impl PodRunner {
 
     /// Starts the container, runs its probes, and returns when it ends.
     async fn run_container(&mut self, kubelet: &Kubelet) -> Ending {
-        let env = match resolve_env(&kubelet.client, &self.key.0, &self.spec_container).await {
-            Ok(env) => env,
+        let reference = self.spec_container.image.clone().unwrap_or_default();
+        let Some(image) = kubelet.images.resolve(&reference).cloned() else {
+            self.write_status(
+                json!({"waiting": {
+                    "reason": "ErrImagePull",
+                    "message": format!(
+                        "failed to pull and unpack image \"{reference}\": {reference}: not found (this node has {} and {})",
+                        kubelet.images.service.reference(), kubelet.images.operator.reference()
+                    ),
+                }}),
+                false,
+                false,
+            )
+            .await;
+            return Ending::PullFailed(reference);
+        };
+        let dir = kubelet
+            .workdir
+            .join(format!("{}-{}-{}", self.key.0, self.key.1, self.restarts));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("node agent: creating {}: {e}", dir.display());
+            return Ending::ConfigError;
+        }
+        let bundle = {
+            let (image, tools, bundles) = (
+                image.clone(),
+                kubelet.images.tools.clone(),
+                kubelet.workdir.join("bundles"),
+            );
+            match tokio::task::spawn_blocking(move || unpack(&image, &tools, &bundles)).await {
+                Ok(Ok(bundle)) => bundle,
+                Ok(Err(e)) => {
+                    eprintln!("node agent: unpacking {reference}: {e:#}");
+                    return Ending::ConfigError;
+                }
+                Err(e) => {
+                    eprintln!("node agent: unpacking {reference}: {e}");
+                    return Ending::ConfigError;
+                }
+            }
+        };
+        let termination_log = dir.join("termination-log");
+        let log = dir.join("container.log");
+        let port = match free_loopback_ports(1) {
+            Ok(ports) => ports[0],
+            Err(e) => {
+                eprintln!("node agent: no free loopback port: {e:#}");
+                return Ending::ConfigError;
+            }
+        };
+        let spec = match self
+            .container_spec(kubelet, &image, &bundle, &termination_log, port)
+            .await
+        {
+            Ok(spec) => spec,
             Err(message) => {
                 self.write_status(
                     json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
@@ -503,39 +523,21 @@ impl PodRunner {
                 return Ending::ConfigError;
             }
         };
-        let port = match free_loopback_ports(1) {
-            Ok(ports) => ports[0],
-            Err(e) => {
-                eprintln!("node agent: no free loopback port: {e:#}");
-                return Ending::ConfigError;
-            }
-        };
-        let dir = kubelet
-            .workdir
-            .join(format!("{}-{}-{}", self.key.0, self.key.1, self.restarts));
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            eprintln!("node agent: creating {}: {e}", dir.display());
-            return Ending::ConfigError;
-        }
-        let termination_log = dir.join("termination-log");
-        let log = dir.join("container.log");
-        let mut command = Command::new(&kubelet.binary);
-        command.env_clear().envs(env).envs([
-            ("CHATGATE_LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "CHATGATE_TERMINATION_LOG",
-                termination_log.display().to_string(),
-            ),
-        ]);
         let started = now();
-        match ManagedProcess::spawn(&self.key.1, command, &log) {
+        match spec.spawn(&self.key.1, &bundle, &dir.join("container"), &log) {
             Ok(p) => self.process = Some(p),
             Err(e) => {
                 eprintln!("node agent: {e:#}");
                 return Ending::ConfigError;
             }
         }
-        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        // The service image listens where it is told; any other image on its
+        // declared ports.
+        let remapped = listens_where_told(&image).then_some(port);
+        let address = SocketAddr::from((
+            [127, 0, 0, 1],
+            remapped.unwrap_or_else(|| first_port(&self.spec_container).unwrap_or(port)),
+        ));
         kubelet.record(&self.key, |r| {
             r.address = Some(address);
             r.log = Some(log.clone());
@@ -545,9 +547,10 @@ impl PodRunner {
         self.write_status(running.clone(), false, false).await;
 
         let c = &self.spec_container;
-        let mut startup = c.startup_probe.clone().map(ProbeState::new);
-        let mut readiness = c.readiness_probe.clone().map(ProbeState::new);
-        let mut liveness = c.liveness_probe.clone().map(ProbeState::new);
+        let probe = |p: &Option<Probe>| p.clone().map(|p| ProbeState::new(p, c, remapped));
+        let mut startup = probe(&c.startup_probe);
+        let mut readiness = probe(&c.readiness_probe);
+        let mut liveness = probe(&c.liveness_probe);
         let mut is_started = startup.is_none();
         let mut is_ready = false;
         if is_started {
@@ -576,7 +579,7 @@ impl PodRunner {
                 if let Some(probe) = startup.as_mut()
                     && probe.due(now, begun)
                 {
-                    match probe.run(port).await {
+                    match probe.run().await {
                         Verdict::Passed => {
                             is_started = true;
                             // Readiness is probed at once, not a period later.
@@ -595,7 +598,7 @@ impl PodRunner {
                 if let Some(probe) = readiness.as_mut()
                     && probe.due(now, begun)
                 {
-                    let ready = match probe.run(port).await {
+                    let ready = match probe.run().await {
                         Verdict::Passed => true,
                         Verdict::Failing => is_ready,
                         Verdict::Failed(_) => false,
@@ -610,13 +613,140 @@ impl PodRunner {
                 }
                 if let Some(probe) = liveness.as_mut()
                     && probe.due(now, begun)
-                    && let Verdict::Failed(why) = probe.run(port).await
+                    && let Verdict::Failed(why) = probe.run().await
                 {
                     return self.kill("liveness", started, why, &termination_log).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The container as the Pod specifies it, on `image`: command and arguments,
+    /// environment, user, root filesystem mode and volumes. An error is what the
+    /// kubelet would report as `CreateContainerConfigError`.
+    async fn container_spec(
+        &self,
+        kubelet: &Kubelet,
+        image: &Image,
+        bundle: &Bundle,
+        termination_log: &Path,
+        port: u16,
+    ) -> Result<ContainerSpec, String> {
+        let container = &self.spec_container;
+        let mut spec = ContainerSpec::from_image(bundle);
+        // `command` replaces the entrypoint and drops the image's `cmd`; `args`
+        // replaces `cmd` (the image config's split is in the bundle's args: the
+        // entrypoint is the first element, as chatgate's images have no `cmd`).
+        match (&container.command, &container.args) {
+            (Some(command), args) => {
+                spec.args = command
+                    .iter()
+                    .chain(args.iter().flatten())
+                    .cloned()
+                    .collect();
+            }
+            (None, Some(args)) => {
+                spec.args.truncate(1);
+                spec.args.extend(args.iter().cloned());
+            }
+            (None, None) => {}
+        }
+        let context = FieldContext {
+            namespace: &self.key.0,
+            name: &self.key.1,
+            uid: &self.uid,
+            node: &kubelet.node,
+            service_account: self
+                .pod_spec
+                .service_account_name
+                .as_deref()
+                .unwrap_or("default"),
+        };
+        spec.env
+            .extend(resolve_env(&kubelet.client, &context, container).await?);
+        // What every kubelet adds: where the API server is.
+        spec.env
+            .insert("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into());
+        spec.env.insert(
+            "KUBERNETES_SERVICE_PORT".into(),
+            kubelet.api_port.to_string(),
+        );
+        if listens_where_told(image) {
+            spec.env
+                .insert("CHATGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
+        }
+        let pod_security = self.pod_spec.security_context.as_ref();
+        let security = container.security_context.as_ref();
+        if let Some(uid) = security
+            .and_then(|s| s.run_as_user)
+            .or(pod_security.and_then(|s| s.run_as_user))
+        {
+            spec.uid =
+                u32::try_from(uid).map_err(|_| format!("runAsUser {uid} is out of range"))?;
+        }
+        if let Some(gid) = security
+            .and_then(|s| s.run_as_group)
+            .or(pod_security.and_then(|s| s.run_as_group))
+        {
+            spec.gid =
+                u32::try_from(gid).map_err(|_| format!("runAsGroup {gid} is out of range"))?;
+        }
+        let non_root = security
+            .and_then(|s| s.run_as_non_root)
+            .or(pod_security.and_then(|s| s.run_as_non_root))
+            .unwrap_or(false);
+        if non_root && spec.uid == 0 {
+            return Err("container has runAsNonRoot and image will run as root".into());
+        }
+        spec.read_only_root = security
+            .and_then(|s| s.read_only_root_filesystem)
+            .unwrap_or(false);
+        // The image's own /tmp is what a runtime gives; volumes replace it where
+        // the Pod mounts one.
+        spec.mounts.clear();
+        for mount in container.volume_mounts.iter().flatten() {
+            let volume = self
+                .pod_spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .ok_or_else(|| format!("volume {:?} is mounted but not defined", mount.name))?;
+            let host = materialize_volume(
+                &kubelet.client,
+                &context,
+                volume,
+                // A Pod's volumes outlive its container's restarts.
+                &kubelet
+                    .workdir
+                    .join(format!("{}-{}-volumes", self.key.0, self.key.1)),
+                spec.uid,
+            )
+            .await?;
+            spec.mounts.push(Mount {
+                target: mount.mount_path.clone(),
+                source: MountSource::Bind {
+                    host,
+                    read_only: mount.read_only.unwrap_or(false) || volume.empty_dir.is_none(),
+                },
+            });
+        }
+        std::fs::write(termination_log, "")
+            .map_err(|e| format!("creating the termination log: {e}"))?;
+        std::os::unix::fs::chown(termination_log, Some(spec.uid), Some(spec.gid))
+            .map_err(|e| format!("handing the termination log to the container's user: {e}"))?;
+        spec.mounts.push(Mount {
+            target: container
+                .termination_message_path
+                .clone()
+                .unwrap_or_else(|| "/dev/termination-log".into()),
+            source: MountSource::Bind {
+                host: termination_log.to_owned(),
+                read_only: false,
+            },
+        });
+        Ok(spec)
     }
 
     /// Kills the container after a failed probe.
@@ -676,6 +806,14 @@ impl PodRunner {
                 "exitCode": 137, "reason": format!("{probe} probe failed"),
                 "message": message, "startedAt": started, "finishedAt": finished,
             }),
+            Ending::PullFailed(reference) => {
+                let waiting = json!({"waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": format!("Back-off pulling image \"{reference}\""),
+                }});
+                self.write_status(waiting, false, false).await;
+                return;
+            }
             // Already reported as CreateContainerConfigError; retried after the back-off.
             Ending::ConfigError | Ending::Deleted => return,
         };
@@ -786,9 +924,10 @@ fn termination_message(container: &Container, file: &Path, log: &Path, code: i32
 /// `env`. A missing ConfigMap, Secret or key is an error naming it.
 async fn resolve_env(
     client: &Client,
-    namespace: &str,
+    pod: &FieldContext<'_>,
     container: &Container,
 ) -> Result<BTreeMap<String, String>, String> {
+    let namespace = pod.namespace;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let config_map = |name: String| {
@@ -839,6 +978,15 @@ async fn resolve_env(
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
+            (None, Some(from)) if from.field_ref.is_some() => {
+                let path = from
+                    .field_ref
+                    .as_ref()
+                    .map(|f| f.field_path.as_str())
+                    .unwrap_or_default();
+                pod.field(path)
+                    .ok_or_else(|| format!("unsupported fieldPath {path:?} in env {}", var.name))?
+            }
             (None, Some(from)) => {
                 let (values, name, key, optional, kind) = if let Some(r) = &from.secret_key_ref {
                     (
@@ -877,9 +1025,203 @@ async fn resolve_env(
     Ok(env)
 }
 
+/// What a `fieldRef` or downward-API item can name about the Pod.
+struct FieldContext<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    uid: &'a str,
+    node: &'a str,
+    service_account: &'a str,
+}
+
+impl FieldContext<'_> {
+    fn field(&self, path: &str) -> Option<String> {
+        Some(
+            match path {
+                "metadata.name" => self.name,
+                "metadata.namespace" => self.namespace,
+                "metadata.uid" => self.uid,
+                "spec.nodeName" => self.node,
+                "spec.serviceAccountName" => self.service_account,
+                _ => return None,
+            }
+            .to_owned(),
+        )
+    }
+}
+
+/// Whether the image takes its listen address from `CHATGATE_LISTEN` (the
+/// service), so the agent can give each of its containers a port of its own.
+fn listens_where_told(image: &Image) -> bool {
+    image.name == "chatgate-service"
+}
+
+/// The container's first declared port.
+fn first_port(container: &Container) -> Option<u16> {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// A probe's port, by number or by the name of a container port.
+fn container_port(container: &Container, port: &IntOrString) -> Option<u16> {
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+/// Writes a volume's content into a directory of its own under `dir` and returns
+/// it: an empty directory for `emptyDir` (mode 0777, as the kubelet makes it);
+/// the items of a `configMap` or `secret`; for `projected`, a service-account
+/// token from the TokenRequest API bound to the Pod, ConfigMap items (the cluster
+/// CA from `kube-root-ca.crt`) and downward-API fields.
+async fn materialize_volume(
+    client: &Client,
+    pod: &FieldContext<'_>,
+    volume: &Volume,
+    dir: &Path,
+    uid: u32,
+) -> Result<PathBuf, String> {
+    let host = dir.join(&volume.name);
+    let io = |e: std::io::Error| format!("volume {:?}: {e}", volume.name);
+    std::fs::create_dir_all(&host).map_err(io)?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), pod.namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), pod.namespace);
+    let config_map_files =
+        async |name: &str, optional: Option<bool>| -> Result<BTreeMap<String, Vec<u8>>, String> {
+            match config_maps.get_opt(name).await {
+                Ok(Some(cm)) => Ok(cm
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect()),
+                Ok(None) if optional == Some(true) => Ok(BTreeMap::new()),
+                Ok(None) => Err(format!("configmap \"{name}\" not found")),
+                Err(e) => Err(format!("reading configmap \"{name}\": {e}")),
+            }
+        };
+    let secret_files =
+        async |name: &str, optional: Option<bool>| -> Result<BTreeMap<String, Vec<u8>>, String> {
+            match secrets.get_opt(name).await {
+                Ok(Some(s)) => Ok(s
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect()),
+                Ok(None) if optional == Some(true) => Ok(BTreeMap::new()),
+                Ok(None) => Err(format!("secret \"{name}\" not found")),
+                Err(e) => Err(format!("reading secret \"{name}\": {e}")),
+            }
+        };
+    if volume.empty_dir.is_some() {
+        std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .map_err(io)?;
+        return Ok(host);
+    } else if let Some(source) = &volume.config_map {
+        files = config_map_files(&source.name, source.optional).await?;
+    } else if let Some(source) = &volume.secret {
+        let name = source.secret_name.clone().unwrap_or_default();
+        files = secret_files(&name, source.optional).await?;
+    } else if let Some(projected) = &volume.projected {
+        for source in projected.sources.iter().flatten() {
+            if let Some(token) = &source.service_account_token {
+                let request = TokenRequest {
+                    spec: TokenRequestSpec {
+                        audiences: token.audience.clone().into_iter().collect(),
+                        expiration_seconds: token.expiration_seconds,
+                        bound_object_ref: Some(BoundObjectReference {
+                            api_version: Some("v1".into()),
+                            kind: Some("Pod".into()),
+                            name: Some(pod.name.to_owned()),
+                            uid: Some(pod.uid.to_owned()),
+                        }),
+                    },
+                    ..TokenRequest::default()
+                };
+                let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), pod.namespace);
+                let issued = accounts
+                    .create_token_request(pod.service_account, &PostParams::default(), &request)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "requesting a token for serviceaccount {}/{}: {e}",
+                            pod.namespace, pod.service_account
+                        )
+                    })?;
+                let token_value = issued.status.map(|s| s.token).unwrap_or_default();
+                files.insert(token.path.clone(), token_value.into_bytes());
+            }
+            if let Some(cm) = &source.config_map {
+                let mut all = config_map_files(&cm.name, cm.optional).await?;
+                match &cm.items {
+                    Some(items) => {
+                        for item in items {
+                            if let Some(v) = all.remove(&item.key) {
+                                files.insert(item.path.clone(), v);
+                            }
+                        }
+                    }
+                    None => files.extend(all),
+                }
+            }
+            if let Some(secret) = &source.secret {
+                files.extend(secret_files(&secret.name, secret.optional).await?);
+            }
+            if let Some(downward) = &source.downward_api {
+                for item in downward.items.iter().flatten() {
+                    let path = item
+                        .field_ref
+                        .as_ref()
+                        .map(|f| f.field_path.as_str())
+                        .unwrap_or_default();
+                    let value = pod
+                        .field(path)
+                        .ok_or_else(|| format!("unsupported downward API fieldPath {path:?}"))?;
+                    files.insert(item.path.clone(), value.into_bytes());
+                }
+            }
+        }
+    } else {
+        return Err(format!(
+            "volume {:?}: only emptyDir, configMap, secret and projected volumes are supported here",
+            volume.name
+        ));
+    }
+    for (path, content) in files {
+        if path.starts_with('/') || path.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "volume {:?}: item path {path:?} must be relative",
+                volume.name
+            ));
+        }
+        let file = host.join(&path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&file, content).map_err(io)?;
+        // Readable by the container's user, as the kubelet's 0644 default is.
+        std::os::unix::fs::chown(&file, Some(uid), None).map_err(io)?;
+    }
+    Ok(host)
+}
+
 /// One probe's schedule and consecutive results.
 struct ProbeState {
     probe: Probe,
+    /// The loopback port the probe's `httpGet.port` maps to.
+    port: u16,
     next: Option<Instant>,
     failures: i32,
 }
@@ -893,8 +1235,15 @@ enum Verdict {
 }
 
 impl ProbeState {
-    fn new(probe: Probe) -> ProbeState {
+    /// A probe of `container`; `remapped` is the port a container that was told
+    /// where to listen listens on, which every port of it maps to.
+    fn new(probe: Probe, container: &Container, remapped: Option<u16>) -> ProbeState {
+        let declared = probe
+            .http_get
+            .as_ref()
+            .and_then(|get| container_port(container, &get.port));
         ProbeState {
+            port: remapped.or(declared).unwrap_or_default(),
             probe,
             next: None,
             failures: 0,
@@ -916,14 +1265,13 @@ impl ProbeState {
         due
     }
 
-    async fn run(&mut self, port: u16) -> Verdict {
+    async fn run(&mut self) -> Verdict {
+        let port = self.port;
         let Some(get) = &self.probe.http_get else {
             return Verdict::Passed; // only HTTP probes are run; others pass
         };
         let path = get.path.clone().unwrap_or_else(|| "/".into());
         let timeout = Duration::from_secs(self.probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        // Every container port (`get.port`, by name or number) is served on the one
-        // loopback port the service listens on.
         let result = tokio::time::timeout(timeout, http_status(port, &path)).await;
         let outcome = match result {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
@@ -951,7 +1299,7 @@ impl ProbeState {
 }
 
 /// `GET path` on `127.0.0.1:port`; the response's status code.
-async fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
+pub async fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-probe/chatgate-node-agent\r\nConnection: close\r\n\r\n"

@@ -11,7 +11,9 @@ use anyhow::{Context, Result};
 use chatgate_operator::conditions::{self, reason};
 use chatgate_operator::crd::{ChatService, JwtAlgorithm, SecretKeyRef};
 use chatgate_operator::meta;
-use chatgate_tests::node_agent::{AGENT_NODE_LABEL, AGENT_NODE_TAINT_KEY, service_binary};
+use chatgate_tests::image::{Images, service_reference};
+use chatgate_tests::node_agent::{AGENT_NODE_LABEL, AGENT_NODE_TAINT_KEY};
+use chatgate_tests::process::free_loopback_ports;
 use chatgate_tests::wait::pod_ready;
 use chatgate_tests::{ControlPlane, NodeAgent, wait_for, wait_until};
 use futures::{SinkExt, StreamExt};
@@ -34,11 +36,8 @@ async fn agent(cp: &'static ControlPlane) -> &'static NodeAgent {
     static AGENT: OnceCell<NodeAgent> = OnceCell::const_new();
     AGENT
         .get_or_init(|| async {
-            let binary = tokio::task::spawn_blocking(service_binary)
-                .await
-                .expect("the build task")
-                .expect("the chatgate-service binary");
-            NodeAgent::start(cp, "agent-node-0", binary)
+            let images = Images::shared().await.expect("the images build");
+            NodeAgent::start(cp, "agent-node-0", images.clone())
                 .await
                 .expect("the node agent starts")
         })
@@ -49,6 +48,7 @@ async fn agent(cp: &'static ControlPlane) -> &'static NodeAgent {
 /// URL in Secret `chat-secrets`.
 fn on_agent_node(name: &str) -> chatgate_operator::fixtures::ChatServiceBuilder {
     ChatService::test(name)
+        .image(&service_reference())
         .replicas(1)
         .with_secret("chat-secrets")
         .startup(20, 1)
@@ -250,5 +250,141 @@ async fn a_pod_missing_a_critical_service_never_takes_traffic_and_the_status_nam
     let slices: Api<EndpointSlice> = ns.api(admin.clone());
     assert_eq!(endpoints(&slices, "chat").await?.0, 0);
     op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_image_the_node_cannot_pull_waits_in_image_pull_backoff() -> Result<()> {
+    let Setup { cp, ns, admin, op } = operator_in_new_namespace("gate-pull").await?;
+    let agent = agent(cp).await;
+    secrets(&admin, ns.name(), &[]).await?;
+    let missing = "ghcr.io/chatgate/chatgate-service:no-such-tag";
+    create(
+        &admin,
+        ns.name(),
+        &on_agent_node("chat").image(missing).build(),
+    )
+    .await?;
+
+    let pods: Api<Pod> = ns.api(admin.clone());
+    let waiting_reason = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.clone())
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    wait_until(
+        TIMEOUT,
+        "the pod to go ErrImagePull, then ImagePullBackOff",
+        || {
+            let (pods, seen) = (pods.clone(), seen.clone());
+            async move {
+                let chat_pods = pods_of(&pods, "chat").await?;
+                let mut seen = seen.lock().unwrap();
+                for pod in chat_pods {
+                    if let Some(reason) = waiting_reason(&pod) {
+                        seen.insert(reason);
+                    }
+                    assert!(!pod_ready(&pod), "a pod without its image became ready");
+                }
+                Ok(
+                    (seen.contains("ErrImagePull") && seen.contains("ImagePullBackOff"))
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("reasons seen: {:?}", seen.lock().unwrap()))?;
+    let pod = pods_of(&pods, "chat").await?.pop().context("a pod")?;
+    let record = agent.pod(ns.name(), &pod.name_any()).unwrap_or_default();
+    assert_eq!(record.starts, 0, "no container starts without its image");
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_operator_runs_in_cluster_from_its_image_and_gates_a_chat_service() -> Result<()>
+{
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let agent = agent(cp).await;
+    let images = Images::shared().await?;
+    // Restricted Pod Security: the chart's pod and the ChatService's pods run as
+    // the profile demands, and the node agent enforces their securityContext.
+    let ns = restricted_namespace(cp, "in-cluster").await?;
+    let admin = cp.client();
+    // Pods share the host's network here, so the operator's port must be free.
+    let port = free_loopback_ports(1)?[0];
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/chatgate-operator");
+    let values = [
+        "replicas=1".to_owned(),
+        format!("watchNamespace={}", ns.name()),
+        format!("metrics.service.port={port}"),
+        format!("nodeSelector.{}={}", AGENT_NODE_LABEL.0, AGENT_NODE_LABEL.1),
+        format!("tolerations[0].key={AGENT_NODE_TAINT_KEY}"),
+        "tolerations[0].operator=Exists".to_owned(),
+        "tolerations[0].effect=NoSchedule".to_owned(),
+    ];
+    let mut install = cp.helm();
+    install.args(["install", ns.name(), chart, "--namespace", ns.name()]);
+    for value in &values {
+        install.args(["--set", value]);
+    }
+    let out = install.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The operator pod runs the chart's image (the reference it names is the one
+    // `make image` tagged) and becomes ready once its watches synced.
+    let pods: Api<Pod> = ns.api(admin.clone());
+    let operator_pod = wait_until(TIMEOUT, "the chart's operator pod to be ready", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=chatgate-operator"))
+                .await?;
+            Ok(list.items.into_iter().find(pod_ready))
+        }
+    })
+    .await
+    .with_context(|| format!("operator pod never ready; node saw: {:?}", agent.pods()))?;
+    let container = &operator_pod.spec.as_ref().context("a pod spec")?.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some(images.operator.reference().as_str())
+    );
+
+    secrets(&admin, ns.name(), &[]).await?;
+    create(&admin, ns.name(), &on_agent_node("chat").build()).await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now)
+        .await
+        .with_context(|| format!("ChatService never Ready; node saw: {:?}", agent.pods()))?;
+
+    // The one that reconciled it is the in-cluster operator: it holds the Lease
+    // under its pod name, using the token the node projected for its
+    // ServiceAccount.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = ns.api(admin.clone());
+    let lease = leases.get(chatgate_operator::run::LEASE_NAME).await?;
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(operator_pod.name_any().as_str())
+    );
+    let mut uninstall = cp.helm();
+    uninstall.args(["uninstall", ns.name(), "--namespace", ns.name(), "--wait"]);
+    let out = uninstall.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
