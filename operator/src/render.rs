@@ -34,6 +34,10 @@ pub struct RenderArgs {
     /// for `gcloud run services replace`; `knative`: a Knative Serving Service.
     #[arg(short = 't', long, value_enum, default_value_t = Target::Kubernetes)]
     pub target: Target,
+    /// Cloud Run and Knative: the Google Cloud project, set as `GOOGLE_CLOUD_PROJECT` so
+    /// the service's log lines name their trace as `projects/PROJECT/traces/ID`.
+    #[arg(long, value_name = "PROJECT")]
+    pub project: Option<String>,
 }
 
 /// Why nothing was rendered.
@@ -60,7 +64,13 @@ pub fn render(args: &RenderArgs) -> Result<String, RenderError> {
         std::fs::read_to_string(file)
             .map_err(|e| RenderError::Unreadable(format!("reading {}: {e}", file.display())))?
     };
-    render_target(&text, &args.namespace, args.target, &mut std::io::stderr())
+    render_with(
+        &text,
+        &args.namespace,
+        args.target,
+        args.project.as_deref(),
+        &mut std::io::stderr(),
+    )
 }
 
 /// The children of every ChatService in `text` (the Kubernetes target).
@@ -82,6 +92,17 @@ pub fn render_target(
     text: &str,
     namespace: &str,
     target: Target,
+    warnings: &mut impl std::io::Write,
+) -> Result<String, RenderError> {
+    render_with(text, namespace, target, None, warnings)
+}
+
+/// [`render_target`], with the Google Cloud project for Cloud Run and Knative.
+pub fn render_with(
+    text: &str,
+    namespace: &str,
+    target: Target,
+    project: Option<&str>,
     warnings: &mut impl std::io::Write,
 ) -> Result<String, RenderError> {
     let mut out = Vec::new();
@@ -117,7 +138,11 @@ pub fn render_target(
                 for note in serverless::notes(&config, target) {
                     let _ = writeln!(warnings, "note: ChatService {name}: {note}");
                 }
-                serverless::knative_service(&cs, &config, target).to_yaml()
+                let mut service = serverless::knative_service(&cs, &config, target);
+                if let Some(project) = project {
+                    service.set_env("GOOGLE_CLOUD_PROJECT", project);
+                }
+                service.to_yaml()
             }
         };
         out.push(
@@ -198,6 +223,16 @@ mod tests {
         );
         // The same spec runs on Kubernetes.
         assert!(render_target(text, "d", Target::Kubernetes, &mut Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn the_project_becomes_google_cloud_project() {
+        let text = "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata: {name: a}\nspec: {image: x, environment: development}\n";
+        let yaml = render_with(text, "d", Target::Cloudrun, Some("acme"), &mut Vec::new()).unwrap();
+        assert!(
+            yaml.contains("- name: GOOGLE_CLOUD_PROJECT\n          value: acme\n"),
+            "{yaml}"
+        );
     }
 
     #[test]

@@ -157,6 +157,20 @@ impl KnativeService {
     pub fn to_yaml(&self) -> Result<String, serde_norway::Error> {
         serde_norway::to_string(self)
     }
+
+    /// Sets (or replaces) a plain environment variable of the container.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        for container in &mut self.spec.template.spec.containers {
+            let env = container.env.get_or_insert_with(Vec::new);
+            env.retain(|e| e.name != name);
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: Some(value.to_owned()),
+                value_from: None,
+            });
+            env.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+    }
 }
 
 /// Everything the target cannot do for `cs` (empty: it can be rendered). `config` is
