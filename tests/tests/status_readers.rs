@@ -123,8 +123,9 @@ async fn kstatus_and_the_argo_cd_health_check_read_every_state_right() -> Result
     })
     .await?;
     // kwok runs no container, so the test writes what the kubelet writes after the
-    // service exits with its termination message (this one is the real binary's).
-    let message = "phase=llm service=llm_client: CHATGATE_LLM_API_KEY is required in staging; set spec.llm.apiKeySecretRef";
+    // service exits with its termination message: this is the line the real binary
+    // writes for a JWT public key that is not a PEM key.
+    let message = "phase=auth service=jwt_verifier: CHATGATE_JWT_PUBLIC_KEY is neither a PEM key nor a readable file (not a PEM public key): No such file or directory (os error 2); set it to the PEM text or a path to it";
     pods.patch_status(
         &pod.name_any(),
         &PatchParams::default(),
