@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins cluster bench bench-operator e2e image image-push clean help
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check cluster bench bench-operator e2e image image-push clean help
 
 all: build
 
@@ -19,19 +19,22 @@ build: ## build every binary (release)
 k8s-bins: ## build the Kubernetes binaries into the cache (first run only)
 	hack/k8s-bins.sh >/dev/null
 
+status-check: ## build chatgate-status (kstatus + Argo CD's Lua runner) into the cache
+	hack/status-check.sh >/dev/null
+
 run: k8s-bins ## local control plane (or current cluster) + operator + sample + chat service
 	hack/run.sh
 
 cluster: k8s-bins ## start a local control plane and print its KUBECONFIG (Ctrl-C stops it)
 	$(CARGO) run --quiet --release -p chatgate-tests --bin chatgate-cluster
 
-test: k8s-bins crds-check lint ## all tests: unit, service, real control plane, CLI
+test: k8s-bins status-check crds-check lint ## all tests: unit, service, real control plane, CLI
 	$(CARGO) test --workspace --no-fail-fast
 
 unit-test: ## tests that need no control plane (fast)
 	$(CARGO) test --workspace --lib --bins
 
-e2e: k8s-bins ## only the real-control-plane tests
+e2e: k8s-bins status-check ## only the real-control-plane tests
 	$(CARGO) test -p chatgate-tests
 
 lint: ## formatting and clippy, warnings are errors

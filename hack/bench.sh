@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: the chatgate service against the FastAPI peer (../shared/peers) and a
+# `make bench`: the chatgate service against the FastAPI peer (bench/peer) and a
 # bare axum ping/pong baseline, driven by the same load generator on this machine in
 # one run; prints the table of figures and service/peer ratios against the targets.
 #
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 CARGO=${CARGO:-cargo}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
-PEER_DIR=$(realpath -m "${BENCH_PEER_DIR:-../shared/peers}")
+PEER_DIR=$(realpath -m "${BENCH_PEER_DIR:-bench/peer}")
 VENV=${BENCH_PEER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chatgate/peer-venv}
 PEER_PACKAGES=(fastapi 'uvicorn[standard]' pyjwt websockets)
 

@@ -636,6 +636,8 @@ pub enum ProblemKind {
     BaselineMissing,
     /// A referenced Secret or key does not exist.
     MissingReference,
+    /// Valid on Kubernetes, but beyond what the deploy target (Cloud Run, Knative) can do.
+    Platform,
 }
 
 impl ProblemKind {
@@ -650,6 +652,7 @@ impl ProblemKind {
             ProblemKind::ParityPresent => "parity:present",
             ProblemKind::BaselineMissing => "baseline",
             ProblemKind::MissingReference => "reference",
+            ProblemKind::Platform => "platform",
         }
     }
 

@@ -354,8 +354,14 @@ pub struct BaselineRef {
 }
 
 /// Observed state, following the Kubernetes API conventions and kstatus.
+///
+/// Defaulted to `observedGeneration: 0` by the API server until the operator writes a
+/// status: kstatus (Helm 4's `--wait`, Flux) reads an object with no status at all as
+/// `Current`, so a just-created ChatService would count as ready before the operator
+/// has seen it; an observed generation behind `metadata.generation` reads `InProgress`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("default" = {"observedGeneration": 0}))]
 pub struct ChatServiceStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -19,6 +19,7 @@ pub mod meta;
 pub mod metrics;
 pub mod render;
 pub mod run;
+pub mod serverless;
 pub mod status;
 pub mod validate_cmd;
 pub mod validation;

@@ -2,7 +2,7 @@
 //! `render` and `validate`.
 
 use chatgate_operator::crd::ChatService;
-use chatgate_operator::render::{RenderArgs, render};
+use chatgate_operator::render::{RenderArgs, RenderError, render};
 use chatgate_operator::run::{Health, Options, run};
 use chatgate_operator::validate_cmd::{self, ValidateArgs};
 use clap::{Parser, Subcommand};
@@ -35,7 +35,8 @@ enum Command {
     Run(Options),
     /// Print the ChatService CustomResourceDefinition as YAML.
     Crd,
-    /// Print the children the operator would apply for ChatService manifests.
+    /// Print what ChatService manifests become: the children the operator would apply,
+    /// or a Cloud Run / Knative service (`--target`).
     Render(RenderArgs),
     /// Check ChatService manifests offline: configuration, references and parity.
     Validate(ValidateArgs),
@@ -72,7 +73,13 @@ fn main() -> ExitCode {
                 print!("{yaml}");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
+            Err(RenderError::Refused(lines)) => {
+                for line in lines {
+                    eprintln!("error: {line}");
+                }
+                ExitCode::FAILURE
+            }
+            Err(RenderError::Unreadable(e)) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)
             }

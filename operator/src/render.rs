@@ -1,59 +1,121 @@
-//! `chatgate-operator render`: the children the operator would apply for ChatService
-//! manifests, printed as YAML without a cluster (for review and GitOps diffs).
+//! `chatgate-operator render`: what a ChatService becomes on a target, printed as YAML
+//! without a cluster — the children the operator would apply (Kubernetes), or the
+//! Knative Service for Cloud Run or Knative Serving — for review, GitOps and deploys.
 
 use crate::build::build;
 use crate::configuration::declared_config;
 use crate::crd::ChatService;
+use crate::serverless::{self, Target};
 use chatgate_contract::config::Origin;
 use kube::ResourceExt;
 use serde::Deserialize;
 use std::io::Read;
 use std::path::PathBuf;
 
-/// Print the children (ConfigMap, Deployment, Service, PodDisruptionBudget) of
-/// ChatService manifests.
+/// Print what ChatService manifests become on a target.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RenderArgs {
     /// ChatService manifest (multi-document YAML); `-` reads standard input. Other
     /// kinds in the file are skipped.
-    #[arg(short = 'f', long = "filename", value_name = "FILE")]
-    pub file: PathBuf,
+    #[arg(value_name = "FILE", required_unless_present = "filename")]
+    pub file: Option<PathBuf>,
+    /// The same as FILE, as `kubectl -f` spells it.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        conflicts_with = "file"
+    )]
+    pub filename: Option<PathBuf>,
     /// Namespace of ChatServices that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
+    /// `kubernetes`: the children the operator applies; `cloudrun`: a Cloud Run service
+    /// for `gcloud run services replace`; `knative`: a Knative Serving Service.
+    #[arg(short = 't', long, value_enum, default_value_t = Target::Kubernetes)]
+    pub target: Target,
+    /// Cloud Run and Knative: the Google Cloud project, set as `GOOGLE_CLOUD_PROJECT` so
+    /// the service's log lines name their trace as `projects/PROJECT/traces/ID`.
+    #[arg(long, value_name = "PROJECT")]
+    pub project: Option<String>,
 }
 
-/// Renders and returns the YAML to print, or a message naming what could not be read.
-pub fn render(args: &RenderArgs) -> Result<String, String> {
-    let text = if args.file.as_os_str() == "-" {
+/// Why nothing was rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenderError {
+    /// The input could not be read or is not ChatService manifests (exit 2).
+    Unreadable(String),
+    /// A ChatService asks for what the target cannot do (exit 1); one line each.
+    Refused(Vec<String>),
+}
+
+/// Renders and returns the YAML to print.
+pub fn render(args: &RenderArgs) -> Result<String, RenderError> {
+    let Some(file) = args.file.as_ref().or(args.filename.as_ref()) else {
+        return Err(RenderError::Unreadable("no FILE given".into()));
+    };
+    let text = if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
-            .map_err(|e| format!("reading standard input: {e}"))?;
+            .map_err(|e| RenderError::Unreadable(format!("reading standard input: {e}")))?;
         s
     } else {
-        std::fs::read_to_string(&args.file)
-            .map_err(|e| format!("reading {}: {e}", args.file.display()))?
+        std::fs::read_to_string(file)
+            .map_err(|e| RenderError::Unreadable(format!("reading {}: {e}", file.display())))?
     };
-    render_text(&text, &args.namespace, &mut std::io::stderr())
+    render_with(
+        &text,
+        &args.namespace,
+        args.target,
+        args.project.as_deref(),
+        &mut std::io::stderr(),
+    )
 }
 
-/// The children of every ChatService in `text`; configuration problems are written to
-/// `warnings` (the operator would refuse such a spec and keep the last good one).
+/// The children of every ChatService in `text` (the Kubernetes target).
 pub fn render_text(
     text: &str,
     namespace: &str,
     warnings: &mut impl std::io::Write,
 ) -> Result<String, String> {
+    render_target(text, namespace, Target::Kubernetes, warnings).map_err(|e| match e {
+        RenderError::Unreadable(m) => m,
+        RenderError::Refused(lines) => lines.join("\n"),
+    })
+}
+
+/// What every ChatService in `text` becomes on `target`; configuration problems are
+/// written to `warnings` (the operator would refuse such a spec and keep the last good
+/// one). Nothing is rendered when any ChatService asks for what the target cannot do.
+pub fn render_target(
+    text: &str,
+    namespace: &str,
+    target: Target,
+    warnings: &mut impl std::io::Write,
+) -> Result<String, RenderError> {
+    render_with(text, namespace, target, None, warnings)
+}
+
+/// [`render_target`], with the Google Cloud project for Cloud Run and Knative.
+pub fn render_with(
+    text: &str,
+    namespace: &str,
+    target: Target,
+    project: Option<&str>,
+    warnings: &mut impl std::io::Write,
+) -> Result<String, RenderError> {
     let mut out = Vec::new();
+    let mut refused = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = serde_norway::Value::deserialize(doc)
-            .map_err(|e| format!("document {}: {e}", i + 1))?;
+            .map_err(|e| RenderError::Unreadable(format!("document {}: {e}", i + 1)))?;
         if value.is_null() || value.get("kind").and_then(|k| k.as_str()) != Some("ChatService") {
             continue;
         }
-        let mut cs: ChatService = serde_norway::from_value(value)
-            .map_err(|e| format!("document {}: not a valid ChatService: {e}", i + 1))?;
+        let mut cs: ChatService = serde_norway::from_value(value).map_err(|e| {
+            RenderError::Unreadable(format!("document {}: not a valid ChatService: {e}", i + 1))
+        })?;
         if cs.namespace().is_none() {
             cs.metadata.namespace = Some(namespace.to_owned());
         }
@@ -62,13 +124,40 @@ pub fn render_text(
         for p in &problems {
             let _ = writeln!(warnings, "warning: ChatService {}: {p}", cs.name_any());
         }
-        let yaml = build(&cs, &config)
-            .to_yaml()
-            .map_err(|e| format!("printing the children of {}: {e}", cs.name_any()))?;
-        out.push(yaml);
+        let name = cs.name_any();
+        let printed = match target {
+            Target::Kubernetes => build(&cs, &config).to_yaml(),
+            Target::Cloudrun | Target::Knative => {
+                let refusals = serverless::refusals(&cs, &config, target);
+                if !refusals.is_empty() {
+                    refused.extend(refusals.iter().map(|r| {
+                        format!("ChatService {name}: cannot run on {}: {r}", target.as_str())
+                    }));
+                    continue;
+                }
+                for note in serverless::notes(&config, target) {
+                    let _ = writeln!(warnings, "note: ChatService {name}: {note}");
+                }
+                let mut service = serverless::knative_service(&cs, &config, target);
+                if let Some(project) = project {
+                    service.set_env("GOOGLE_CLOUD_PROJECT", project);
+                }
+                service.to_yaml()
+            }
+        };
+        out.push(
+            printed.map_err(|e| {
+                RenderError::Unreadable(format!("printing what {name} becomes: {e}"))
+            })?,
+        );
+    }
+    if !refused.is_empty() {
+        return Err(RenderError::Refused(refused));
     }
     if out.is_empty() {
-        return Err("no ChatService in the input".into());
+        return Err(RenderError::Unreadable(
+            "no ChatService (apiVersion chatgate.dev/v1alpha1) in the input".into(),
+        ));
     }
     Ok(out.join("---\n"))
 }
@@ -98,6 +187,52 @@ mod tests {
         let mut warnings = Vec::new();
         render_text(text, "default", &mut warnings).unwrap();
         assert!(String::from_utf8_lossy(&warnings).contains("CHATGATE_JWT"));
+    }
+
+    #[test]
+    fn cloud_run_renders_one_knative_service_per_chat_service() {
+        let text = "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata: {name: a}\nspec: {image: x, environment: development}\n";
+        let yaml = render_target(text, "d", Target::Cloudrun, &mut Vec::new()).unwrap();
+        assert!(
+            yaml.contains("apiVersion: serving.knative.dev/v1"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("kind: Deployment"));
+    }
+
+    #[test]
+    fn what_cloud_run_cannot_do_is_refused_naming_the_field_and_the_limit() {
+        let text = "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata: {name: a}\nspec: {image: x, environment: development, startup: {budgetSeconds: 300, periodSeconds: 5}, rollout: {drainSeconds: 30}}\n";
+        let Err(RenderError::Refused(lines)) =
+            render_target(text, "d", Target::Cloudrun, &mut Vec::new())
+        else {
+            panic!("not refused");
+        };
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "ChatService a: cannot run on cloudrun: spec.startup.budgetSeconds: is 300 s"
+            ),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("spec.rollout.drainSeconds"),
+            "{}",
+            lines[1]
+        );
+        // The same spec runs on Kubernetes.
+        assert!(render_target(text, "d", Target::Kubernetes, &mut Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn the_project_becomes_google_cloud_project() {
+        let text = "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata: {name: a}\nspec: {image: x, environment: development}\n";
+        let yaml = render_with(text, "d", Target::Cloudrun, Some("acme"), &mut Vec::new()).unwrap();
+        assert!(
+            yaml.contains("- name: GOOGLE_CLOUD_PROJECT\n          value: acme\n"),
+            "{yaml}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use crate::crd::{ChatService, ParityMode};
 use crate::dereference::{self, Baseline, Dereferenced, Lookup, SecretKeys};
+use crate::serverless::{self, Target};
 use crate::validation;
 use chatgate_contract::Environment;
 use chatgate_contract::config::{self, KEYS, Problem, ProblemKind};
@@ -58,6 +59,12 @@ pub struct ValidateArgs {
     /// Namespace of manifests that name none (as `kubectl apply -n`).
     #[arg(short = 'n', long, value_name = "NAMESPACE", default_value = "default")]
     pub namespace: String,
+
+    /// Also check every ChatService against what this deploy target can do (Cloud Run's
+    /// limits, for one). Without it, a ChatService annotated `chatgate.dev/target:
+    /// cloudrun` (or `knative`) is checked against its target.
+    #[arg(short = 't', long, value_enum, value_name = "TARGET")]
+    pub target: Option<Target>,
 
     /// Print what a configuration key means (type, default, secret, required, parity
     /// rule) and exit; without KEY, list every key.
@@ -114,6 +121,7 @@ pub fn run(args: &ValidateArgs) -> i32 {
         );
         return EXIT_UNREADABLE;
     }
+    inputs.target = args.target;
     let report = inputs.report();
     match args.output {
         OutputFormat::Table => say(&report.table()),
@@ -368,6 +376,8 @@ struct Inputs {
     secrets: BTreeMap<(String, String), SecretKeys>,
     /// Secrets from `--secrets DIR` sub-directories: they match in every namespace.
     secrets_any_namespace: BTreeMap<String, SecretKeys>,
+    /// `--target`: every ChatService is checked against it.
+    target: Option<Target>,
 }
 
 /// One YAML document of a stream, with the line it starts on.
@@ -727,6 +737,26 @@ impl Inputs {
                     .filter(|p| !refused(&p.key))
                     .map(|p| (p.clone(), Severity::Error)),
             );
+            let target = self.target.or_else(|| Target::annotated(cs));
+            let mut refused = 0;
+            if let Some(target) = target {
+                let dereferenced = self.dereference(cs);
+                let config_map = dereferenced.config_map.as_ref().and_then(Lookup::found);
+                let (config, _) = crate::configuration::declared_config(&cs.spec, config_map);
+                for r in serverless::refusals(cs, &config, target) {
+                    refused += 1;
+                    rows.push((
+                        Problem::new(
+                            &r.field,
+                            env,
+                            ProblemKind::Platform,
+                            format!("{} (target {})", r.message, target.as_str()),
+                            r.fix,
+                        ),
+                        Severity::Error,
+                    ));
+                }
+            }
             if let Some(parity) = &validation.parity {
                 let severity = match parity.mode {
                     ParityMode::Enforce => Severity::Error,
@@ -740,6 +770,7 @@ impl Inputs {
                 environment: env,
                 baseline: validation.parity.as_ref().map(|p| p.baseline.clone()),
                 blocks_rollout: validation.blocks_rollout()
+                    || refused > 0
                     || !parsed.unknown_fields.is_empty()
                     || !parsed.rule_violations.is_empty(),
                 problems: rows.len(),
@@ -1074,5 +1105,40 @@ mod tests {
             Some("spec.jwt.issuer")
         );
         assert_eq!(suggest_field("spec.nothingLikeIt"), None);
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    const CLOUD_RUN: &str = "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata:\n  name: chat\n  annotations: {chatgate.dev/target: cloudrun}\nspec: {image: x, environment: development, rollout: {drainSeconds: 30}}\n";
+
+    fn report(text: &str, target: Option<Target>) -> Report {
+        let mut inputs = Inputs::default();
+        inputs.read_manifests("x.yaml", text, "default").unwrap();
+        inputs.target = target;
+        inputs.report()
+    }
+
+    #[test]
+    fn a_chat_service_annotated_for_cloud_run_is_checked_against_cloud_run() {
+        let r = report(CLOUD_RUN, None);
+        assert_eq!(r.problems.len(), 1, "{}", r.table());
+        let p = &r.problems[0];
+        assert_eq!(
+            (p.key.as_str(), p.rule.as_str(), p.severity),
+            ("spec.rollout.drainSeconds", "platform", Severity::Error)
+        );
+        assert!(p.message.contains("10 s after SIGTERM"), "{}", p.message);
+        assert!(r.resources[0].blocks_rollout);
+    }
+
+    #[test]
+    fn without_the_annotation_the_target_flag_decides() {
+        let plain = CLOUD_RUN.replace("  annotations: {chatgate.dev/target: cloudrun}\n", "");
+        assert!(report(&plain, None).problems.is_empty());
+        assert_eq!(report(&plain, Some(Target::Cloudrun)).problems.len(), 1);
+        assert!(report(&plain, Some(Target::Knative)).problems.is_empty());
     }
 }

@@ -25,8 +25,21 @@ pub fn load(
         Some(path) => read_file(path)?,
         None => ConfigSet::new(),
     };
-    for (key, value) in ConfigSet::from_env_vars(env).values {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    for (key, value) in ConfigSet::from_env_vars(env.iter().cloned()).values {
         set.values.insert(key, value);
+    }
+    // Cloud Run and Knative say which port to serve on in $PORT, on every interface;
+    // an explicit CHATGATE_LISTEN (environment or file) still wins.
+    if set.get("CHATGATE_LISTEN").is_none()
+        && let Some((_, port)) = env.iter().find(|(k, _)| k == "PORT")
+    {
+        let port: u16 = port.trim().parse().map_err(|_| {
+            format!(
+                "PORT `{port}` is not a port number (1-65535); unset it or set CHATGATE_LISTEN to IP:PORT"
+            )
+        })?;
+        set.set_literal("CHATGATE_LISTEN", format!("0.0.0.0:{port}"));
     }
     Ok(set)
 }
@@ -437,6 +450,27 @@ mod tests {
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.bridge.max_connections, 7);
         assert_eq!(config.bridge.allowed_origins, ["https://a", "https://b"]);
+    }
+
+    #[test]
+    fn port_is_the_listen_address_when_chatgate_listen_is_unset() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let set = load(None, env(&[("PORT", "9123")])).unwrap();
+        let config = ServiceConfig::from_set(&set).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9123");
+        let set = load(
+            None,
+            env(&[("PORT", "9123"), ("CHATGATE_LISTEN", "127.0.0.1:7000")]),
+        )
+        .unwrap();
+        assert_eq!(set.effective("CHATGATE_LISTEN"), Some("127.0.0.1:7000"));
+        let err = load(None, env(&[("PORT", "http")])).unwrap_err();
+        assert!(err.starts_with("PORT `http` is not a port number"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 /// How long stopping agent runs and closing open sockets with 1012 may take,
 /// together, before the process exits anyway (the drain delay comes before this).
@@ -71,7 +71,31 @@ pub fn router(app: Arc<App>) -> Router {
         .route(paths::HEALTH_READY, get(ready))
         .route(paths::METRICS, get(metrics))
         .route(paths::WS, get(ws_route))
+        .layer(axum::middleware::from_fn(cloud_trace))
         .with_state(app)
+}
+
+/// Serves a request inside a span carrying its `X-Cloud-Trace-Context`, so every line
+/// logged for it (a WebSocket's whole life too) correlates with the platform's trace.
+async fn cloud_trace(request: Request, next: axum::middleware::Next) -> Response {
+    let trace = request
+        .headers()
+        .get(logging::CLOUD_TRACE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(logging::CloudTrace::parse);
+    let Some(trace) = trace else {
+        return next.run(request).await;
+    };
+    let span = tracing::info_span!(
+        "request",
+        trace_id = %trace.trace_id,
+        span_id = tracing::field::Empty,
+        trace_sampled = trace.sampled,
+    );
+    if let Some(id) = &trace.span_id {
+        span.record(logging::SPAN_ID_FIELD, id.as_str());
+    }
+    next.run(request).instrument(span).await
 }
 
 async fn live() -> &'static str {

@@ -89,6 +89,7 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
                 services,
                 user,
                 admission,
+                request_span: tracing::Span::current(),
             };
             upgrade.on_upgrade(move |socket| connection.serve(socket))
         }
@@ -141,6 +142,9 @@ struct Connection {
     services: Arc<CriticalServices>,
     user: UserId,
     admission: Admission,
+    /// The upgrade request's span (its trace, on Cloud Run): the socket outlives the
+    /// request handler, and its lines keep the request's trace.
+    request_span: tracing::Span,
 }
 
 /// How a socket's loop ended, for the close code and the log.
@@ -156,6 +160,7 @@ enum Ending {
 impl Connection {
     async fn serve(self, socket: WebSocket) {
         let span = info_span!(
+            parent: &self.request_span,
             "ws",
             connection_id = %self.admission.connection_id,
             user_id = %self.user

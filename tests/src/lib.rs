@@ -22,6 +22,7 @@ pub mod namespace;
 pub mod node_agent;
 pub mod pki;
 pub mod process;
+pub mod status_check;
 pub mod wait;
 
 pub use bins::K8S_VERSION;
