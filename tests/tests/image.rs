@@ -87,6 +87,21 @@ impl Running {
     }
 }
 
+/// The next text frame on `socket`, as JSON.
+async fn next_text<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>) -> Result<Value>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let frame = tokio::time::timeout(TIMEOUT, socket.next())
+            .await?
+            .context("the socket closed")??;
+        if let Message::Text(text) = frame {
+            return Ok(serde_json::from_str(&text)?);
+        }
+    }
+}
+
 /// Runs the service image's entrypoint with `env` added to the image's own, the
 /// termination log bound at the kubelet's path, and `extra` mounts.
 fn run_service(images: &Images, env: &[(&str, &str)], extra: Vec<Mount>) -> Result<Running> {
@@ -341,29 +356,11 @@ async fn the_service_image_serves_an_authenticated_websocket_from_its_own_root()
         .headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
-    let mut next_text = async || -> Result<Value> {
-        loop {
-            let frame = tokio::time::timeout(TIMEOUT, socket.next())
-                .await?
-                .context("the socket closed")??;
-            if let Message::Text(text) = frame {
-                return Ok(serde_json::from_str(&text)?);
-            }
-        }
-    };
-    assert_eq!(next_text().await?["type"], "connected");
-    drop(next_text);
+    assert_eq!(next_text(&mut socket).await?["type"], "connected");
     socket
         .send(Message::Text(json!({"type": "ping"}).to_string().into()))
         .await?;
-    let pong = loop {
-        let frame = tokio::time::timeout(TIMEOUT, socket.next())
-            .await?
-            .context("the socket closed")??;
-        if let Message::Text(text) = frame {
-            break serde_json::from_str::<Value>(&text)?;
-        }
-    };
+    let pong = next_text(&mut socket).await?;
     assert_eq!(pong["type"], "pong");
     Ok(())
 }
