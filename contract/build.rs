@@ -18,15 +18,15 @@ fn main() {
         _ => {
             // A new commit moves HEAD or the branch it names; either file changing
             // re-runs this script, so the revision is never stale.
-            for path in ["HEAD", "packed-refs"] {
-                if let Some(p) = git(&["rev-parse", "--git-path", path]) {
+            // Only files that exist: cargo treats a missing one as changed on
+            // every build (packed-refs often does not exist).
+            let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+            for path in ["HEAD", "packed-refs"].into_iter().chain(branch.as_deref()) {
+                if let Some(p) = git(&["rev-parse", "--git-path", path])
+                    && std::path::Path::new(&p).exists()
+                {
                     println!("cargo:rerun-if-changed={}", absolute(p));
                 }
-            }
-            if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
-                && let Some(p) = git(&["rev-parse", "--git-path", &branch])
-            {
-                println!("cargo:rerun-if-changed={}", absolute(p));
             }
             git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
         }
