@@ -407,7 +407,7 @@ enum Ending {
     /// The environment could not be built (a missing Secret or key).
     ConfigError,
     /// The image could not be pulled (it is not one this node has).
-    PullFailed(String),
+    PullFailed,
     /// The Pod is being deleted.
     Deleted,
 }
@@ -423,6 +423,8 @@ struct PodRunner {
     ip: String,
     start_time: Time,
     restarts: i32,
+    /// Failed pulls of the image so far.
+    pull_attempts: u32,
     last_terminated: Option<Value>,
     process: Option<ManagedProcess>,
     /// `(status, lastTransitionTime)` of the Ready condition, to change the time
@@ -450,6 +452,7 @@ impl PodRunner {
             ip,
             start_time: now(),
             restarts: 0,
+            pull_attempts: 0,
             last_terminated: None,
             process: None,
             ready_since: (false, now()),
@@ -460,6 +463,21 @@ impl PodRunner {
     async fn run_container(&mut self, kubelet: &Kubelet) -> Ending {
         let reference = self.spec_container.image.clone().unwrap_or_default();
         let Some(image) = kubelet.images.resolve(&reference).cloned() else {
+            // The first failed pull shows as ErrImagePull through its back-off;
+            // later attempts as ImagePullBackOff, as the kubelet reports them.
+            self.pull_attempts += 1;
+            if self.pull_attempts > 1 {
+                self.write_status(
+                    json!({"waiting": {
+                        "reason": "ImagePullBackOff",
+                        "message": format!("Back-off pulling image \"{reference}\""),
+                    }}),
+                    false,
+                    false,
+                )
+                .await;
+                return Ending::PullFailed;
+            }
             self.write_status(
                 json!({"waiting": {
                     "reason": "ErrImagePull",
@@ -472,7 +490,7 @@ impl PodRunner {
                 false,
             )
             .await;
-            return Ending::PullFailed(reference);
+            return Ending::PullFailed;
         };
         let dir = kubelet
             .workdir
@@ -806,16 +824,8 @@ impl PodRunner {
                 "exitCode": 137, "reason": format!("{probe} probe failed"),
                 "message": message, "startedAt": started, "finishedAt": finished,
             }),
-            Ending::PullFailed(reference) => {
-                let waiting = json!({"waiting": {
-                    "reason": "ImagePullBackOff",
-                    "message": format!("Back-off pulling image \"{reference}\""),
-                }});
-                self.write_status(waiting, false, false).await;
-                return;
-            }
             // Already reported as CreateContainerConfigError; retried after the back-off.
-            Ending::ConfigError | Ending::Deleted => return,
+            Ending::ConfigError | Ending::PullFailed | Ending::Deleted => return,
         };
         self.restarts += 1;
         self.last_terminated = Some(terminated);
