@@ -137,7 +137,7 @@ impl Images {
             let repo = format!("{REPOSITORY}/{}", image.name);
             reference == format!("{repo}:{}", image.version)
                 || reference == format!("{repo}@{}", image.digest)
-                || reference.strip_prefix(&format!("{repo}:")) == Some(crate::image::REVISION)
+                || reference.strip_prefix(&format!("{repo}:")) == Some(REVISION)
         })
     }
 }
