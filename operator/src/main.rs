@@ -1,12 +1,10 @@
 //! `chatgate-operator`: run the controller (default), or the offline commands `crd`,
 //! `render` and `validate`.
 
-use chatgate_operator::crd::ChatService;
 use chatgate_operator::render::{RenderArgs, RenderError, render};
 use chatgate_operator::run::{Health, Options, run};
 use chatgate_operator::validate_cmd::{self, ValidateArgs};
 use clap::{Parser, Subcommand};
-use kube::CustomResourceExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -58,7 +56,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     match command {
-        Command::Crd => match serde_norway::to_string(&ChatService::crd()) {
+        Command::Crd => match chatgate_operator::crd::manifest() {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
