@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check cluster bench bench-operator e2e image image-push clean help
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check postgres cluster bench bench-operator e2e image image-push clean help
 
 all: build
 
@@ -19,6 +19,9 @@ build: ## build every binary (release)
 k8s-bins: ## build the Kubernetes binaries into the cache (first run only)
 	hack/k8s-bins.sh >/dev/null
 
+postgres: ## find (or install) PostgreSQL's server binaries for the tests
+	hack/postgres.sh >/dev/null
+
 status-check: ## build chatgate-status (kstatus + Argo CD's Lua runner) into the cache
 	hack/status-check.sh >/dev/null
 
@@ -28,7 +31,7 @@ run: k8s-bins ## local control plane (or current cluster) + operator + sample + 
 cluster: k8s-bins ## start a local control plane and print its KUBECONFIG (Ctrl-C stops it)
 	$(CARGO) run --quiet --release -p chatgate-tests --bin chatgate-cluster
 
-test: k8s-bins status-check lint ## all tests: unit, service, real control plane, CLI
+test: k8s-bins status-check postgres lint ## all tests: unit, service, real control plane, CLI
 	$(CARGO) test --workspace --no-fail-fast
 
 unit-test: ## tests that need no control plane (fast)

@@ -66,6 +66,10 @@ pub struct HealthReport {
     /// The error that stopped startup, if any (same text as the termination message).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// The newest schema migration applied to the thread store's database, once the
+    /// storage phase has connected (pods of two versions may share one database).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub schema_version: Option<i64>,
     /// Milliseconds since the process started.
     pub uptime_ms: u64,
 }

@@ -74,7 +74,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::llm::{LlmClient, LlmRequest, PromptMessage, PromptRole, ToolResult};
-use crate::store::{Role, StoreError, StoredMessage, ThreadStore, ThreadSummary};
+use crate::store::{
+    DEFAULT_PAGE_ITEMS, MAX_PAGE_ITEMS, PageLimit, Role, StoreError, StoredMessage, ThreadStore,
+    ThreadSummary,
+};
 
 /// The built-in tool every run calls.
 pub const TOOL_NAME: &str = "word_count";
@@ -151,9 +154,20 @@ pub enum ClientRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_message_id: Option<String>,
     },
-    ListThreads,
+    /// One page of the user's threads, most recently updated first.
+    ListThreads {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+    },
+    /// One page of a thread: its newest messages, or those older than `cursor`.
     GetThread {
         thread_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
     },
     Cancel {
         run_id: String,
@@ -169,7 +183,7 @@ impl ClientRequest {
         match self {
             ClientRequest::Ping => "ping",
             ClientRequest::UserMessage { .. } => "user_message",
-            ClientRequest::ListThreads => "list_threads",
+            ClientRequest::ListThreads { .. } => "list_threads",
             ClientRequest::GetThread { .. } => "get_thread",
             ClientRequest::Cancel { .. } => "cancel",
         }
@@ -247,10 +261,16 @@ pub enum ServerEvent {
     },
     Threads {
         threads: Vec<ThreadSummary>,
+        /// Present when more threads follow: send it as `cursor` for the next page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_cursor: Option<String>,
     },
     Thread {
         thread_id: String,
         messages: Vec<StoredMessage>,
+        /// Present when older messages exist: send it as `cursor` for them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_cursor: Option<String>,
     },
     Error {
         code: ErrorCode,
@@ -327,6 +347,10 @@ struct Fields {
     client_message_id: Option<Value>,
     #[serde(default)]
     run_id: Option<Value>,
+    #[serde(default)]
+    limit: Option<Value>,
+    #[serde(default)]
+    cursor: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -345,6 +369,10 @@ struct Envelope<'a> {
     client_message_id: Option<Value>,
     #[serde(default)]
     run_id: Option<Value>,
+    #[serde(default)]
+    limit: Option<Value>,
+    #[serde(default)]
+    cursor: Option<Value>,
 }
 
 /// Parses one text frame of the wire protocol. Fields may be flat or nested under
@@ -366,10 +394,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
     if kind == "ping" {
         return Ok(ClientRequest::Ping);
     }
-    if kind == "list_threads" {
-        return Ok(ClientRequest::ListThreads);
-    }
-    if !matches!(kind, "user_message" | "get_thread" | "cancel") {
+    if !matches!(
+        kind,
+        "user_message" | "get_thread" | "cancel" | "list_threads"
+    ) {
         let shown: String = kind.chars().take(40).collect();
         return Err(ProtocolError::new(
             ErrorCode::UnknownType,
@@ -381,6 +409,8 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
         thread_id: envelope.thread_id,
         client_message_id: envelope.client_message_id,
         run_id: envelope.run_id,
+        limit: envelope.limit,
+        cursor: envelope.cursor,
     };
     match envelope.payload {
         None | Some(Value::Null) => {}
@@ -395,6 +425,8 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
             fields.thread_id = fields.thread_id.or(nested.thread_id);
             fields.client_message_id = fields.client_message_id.or(nested.client_message_id);
             fields.run_id = fields.run_id.or(nested.run_id);
+            fields.limit = fields.limit.or(nested.limit);
+            fields.cursor = fields.cursor.or(nested.cursor);
         }
         Some(_) => {
             return Err(ProtocolError::new(
@@ -422,6 +454,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
         }
         "get_thread" => Ok(ClientRequest::GetThread {
             thread_id: required_id("get_thread", "thread_id", fields.thread_id)?,
+            limit: page_limit(fields.limit)?,
+            cursor: optional_cursor(fields.cursor)?,
+        }),
+        "list_threads" => Ok(ClientRequest::ListThreads {
+            limit: page_limit(fields.limit)?,
+            cursor: optional_cursor(fields.cursor)?,
         }),
         _ => Ok(ClientRequest::Cancel {
             run_id: required_id("cancel", "run_id", fields.run_id)?,
@@ -471,6 +509,36 @@ fn optional_id(name: &str, value: Option<Value>) -> Result<Option<String>, Proto
         Some(_) => Err(ProtocolError::new(
             ErrorCode::InvalidField,
             format!("the field `{name}` must be a string of 1 to {MAX_ID_LEN} bytes"),
+        )),
+    }
+}
+
+/// `limit` of a listing: absent, or 1 to [`MAX_PAGE_ITEMS`].
+fn page_limit(value: Option<Value>) -> Result<Option<u32>, ProtocolError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n))
+            if n.as_u64()
+                .is_some_and(|n| (1..=u64::from(MAX_PAGE_ITEMS)).contains(&n)) =>
+        {
+            Ok(n.as_u64().and_then(|n| u32::try_from(n).ok()))
+        }
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("the field `limit` must be an integer from 1 to {MAX_PAGE_ITEMS}"),
+        )),
+    }
+}
+
+/// `cursor` of a listing: the `next_cursor` of a previous page (a thread cursor
+/// holds a thread id, so it may be a little longer than an id).
+fn optional_cursor(value: Option<Value>) -> Result<Option<String>, ProtocolError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 2 * MAX_ID_LEN => Ok(Some(s)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            "the field `cursor` must be the `next_cursor` string of a previous page",
         )),
     }
 }
@@ -530,7 +598,12 @@ struct Inner {
     active: AtomicUsize,
     idle: Notify,
     slow_client_grace: Duration,
+    page_bytes: usize,
 }
+
+/// Bytes of JSON a page holds unless [`AgentSupervisor::with_page_bytes`] says
+/// otherwise: the default `CHATGATE_MAX_MESSAGE_BYTES`.
+pub const DEFAULT_PAGE_BYTES: usize = 64 * 1024;
 
 /// GCRA parameters: one run per `interval`, up to a minute's worth in a burst.
 #[derive(Clone, Copy)]
@@ -595,6 +668,7 @@ impl AgentSupervisor {
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
                 slow_client_grace: DEFAULT_SLOW_CLIENT_GRACE,
+                page_bytes: DEFAULT_PAGE_BYTES,
             }),
         }
     }
@@ -609,6 +683,22 @@ impl AgentSupervisor {
     }
 
     /// The thread store runs write to.
+    /// Sets how many bytes of JSON one `threads` or `thread` page may hold (the
+    /// socket's message limit, so a page always fits one frame).
+    pub fn with_page_bytes(mut self, bytes: usize) -> AgentSupervisor {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.page_bytes = bytes;
+        }
+        self
+    }
+
+    fn page_limit(&self, items: Option<u32>) -> PageLimit {
+        PageLimit {
+            items: items.unwrap_or(DEFAULT_PAGE_ITEMS),
+            bytes: self.inner.page_bytes,
+        }
+    }
+
     pub fn store(&self) -> &ThreadStore {
         &self.inner.store
     }
@@ -685,20 +775,52 @@ impl AgentSupervisor {
     ) -> Result<(), DeliveryError> {
         match request {
             ClientRequest::Ping => deliver(&out, ServerEvent::pong_now()),
-            ClientRequest::ListThreads => {
-                let event = match self.inner.store.list_threads(user_id).await {
-                    Ok(threads) => ServerEvent::Threads { threads },
+            ClientRequest::ListThreads { limit, cursor } => {
+                let page = self
+                    .inner
+                    .store
+                    .threads_page(user_id, self.page_limit(limit), cursor.as_deref())
+                    .await;
+                let event = match page {
+                    Ok(page) => ServerEvent::Threads {
+                        threads: page.items,
+                        next_cursor: page.next_cursor,
+                    },
+                    Err(e @ StoreError::BadCursor) => {
+                        ServerEvent::error(ErrorCode::InvalidField, e.to_string())
+                    }
                     Err(e) => storage_error(&e, None, None),
                 };
                 deliver(&out, event)
             }
-            ClientRequest::GetThread { thread_id } => {
-                let event = match self.inner.store.get_thread(user_id, &thread_id).await {
-                    Ok(messages) => ServerEvent::Thread {
+            ClientRequest::GetThread {
+                thread_id,
+                limit,
+                cursor,
+            } => {
+                let page = self
+                    .inner
+                    .store
+                    .thread_page(
+                        user_id,
+                        &thread_id,
+                        self.page_limit(limit),
+                        cursor.as_deref(),
+                    )
+                    .await;
+                let event = match page {
+                    Ok(page) => ServerEvent::Thread {
                         thread_id,
-                        messages,
+                        messages: page.items,
+                        next_cursor: page.next_cursor,
                     },
                     Err(StoreError::NotFound { .. }) => thread_not_found(thread_id),
+                    Err(e @ StoreError::BadCursor) => ServerEvent::Error {
+                        code: ErrorCode::InvalidField,
+                        message: e.to_string(),
+                        run_id: None,
+                        thread_id: Some(thread_id),
+                    },
                     Err(e) => storage_error(&e, None, Some(thread_id)),
                 };
                 deliver(&out, event)

@@ -49,6 +49,7 @@ struct ProgressInner {
     phases: Vec<PhaseReport>,
     services: Vec<ServiceReport>,
     error: Option<String>,
+    schema_version: Option<i64>,
 }
 
 impl Progress {
@@ -76,6 +77,7 @@ impl Progress {
                     })
                     .collect(),
                 error: None,
+                schema_version: None,
             }),
         }
     }
@@ -177,6 +179,7 @@ impl Progress {
             phases: inner.phases.clone(),
             services: inner.services.clone(),
             error: inner.error.clone(),
+            schema_version: inner.schema_version,
             uptime_ms,
         })
     }
@@ -255,6 +258,7 @@ async fn run_phases(
 
     let t = timer.begin(StartupPhase::Storage);
     let store = connect_store(&config.database_url, &timer, deadline).await?;
+    progress.with(|inner| inner.schema_version = Some(store.schema_version()));
     timer.done(t);
 
     let t = timer.begin(StartupPhase::Llm);
@@ -272,7 +276,8 @@ async fn run_phases(
     timer.done(t);
 
     let t = timer.begin(StartupPhase::Supervisor);
-    let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute);
+    let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute)
+        .with_page_bytes(config.bridge.max_message_bytes);
     timer.done(t);
 
     // Every service exists by construction; what is left to check is that the

@@ -69,7 +69,15 @@ pub const MAX_TITLE_CHARS: usize = 80;
 /// attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// The embedded schema migrations. Each one only adds (tables, columns, indexes), so
+/// a pod of the previous version keeps working on a database a newer pod migrated.
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    // During a rolling update an old pod may restart after a new one migrated the
+    // database further; it must start, not fail on a version it does not know.
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -118,6 +126,75 @@ pub struct StoredMessage {
     pub content: String,
     /// RFC 3339, UTC.
     pub created_at: String,
+}
+
+/// How much one page of a listing may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    /// At most this many entries.
+    pub items: u32,
+    /// About this many bytes of JSON (an estimate, erring high); a page holds at
+    /// least one entry even when that entry alone is larger.
+    pub bytes: usize,
+}
+
+/// Entries a page holds when the client names no `limit`.
+pub const DEFAULT_PAGE_ITEMS: u32 = 50;
+/// The largest `limit` a client may ask for.
+pub const MAX_PAGE_ITEMS: u32 = 200;
+/// What one entry's JSON costs beyond its variable fields (names, quotes, times).
+const ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// Entries of a listing and, when more follow, the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Page {
+            items: Vec::new(),
+            next_cursor: None,
+        }
+    }
+}
+
+/// Where a page of `threads_page` ended: the last thread's update time and id.
+struct ThreadCursor {
+    updated_at: i64,
+    thread_id: String,
+}
+
+impl ThreadCursor {
+    fn parse(cursor: &str) -> Result<ThreadCursor, StoreError> {
+        cursor
+            .split_once('.')
+            .and_then(|(at, id)| {
+                Some(ThreadCursor {
+                    updated_at: at.parse().ok()?,
+                    thread_id: id.to_owned(),
+                })
+            })
+            .filter(|c| !c.thread_id.is_empty())
+            .ok_or(StoreError::BadCursor)
+    }
+}
+
+impl std::fmt::Display for ThreadCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.updated_at, self.thread_id)
+    }
+}
+
+/// A `thread_page` cursor: the position of the oldest message already sent.
+fn parse_message_cursor(cursor: &str) -> Result<i64, StoreError> {
+    cursor
+        .parse::<i64>()
+        .ok()
+        .filter(|seq| *seq > 0)
+        .ok_or(StoreError::BadCursor)
 }
 
 /// The result of [`ThreadStore::post_user_message`]: where the message landed.
@@ -180,6 +257,11 @@ pub enum StoreError {
     /// Stored data this version cannot read.
     #[error("the thread store holds data this version cannot read: {message}")]
     Corrupt { message: String },
+    /// A paging cursor that no page of this listing returned.
+    #[error(
+        "the cursor is not one a previous page returned; send the `next_cursor` of the last page, or no cursor for the first"
+    )]
+    BadCursor,
 }
 
 impl StoreError {
@@ -276,6 +358,8 @@ pub struct ThreadStore {
     pool: Pool,
     /// Where the store points, without credentials, for error messages.
     target: std::sync::Arc<str>,
+    /// The newest migration applied to the database (read after migrating).
+    schema_version: i64,
 }
 
 impl std::fmt::Debug for ThreadStore {
@@ -376,9 +460,10 @@ impl ThreadStore {
             .connect_with(options)
             .await
             .map_err(|e| classify(&target, e, Backend::Sqlite))?;
-        let store = ThreadStore {
+        let mut store = ThreadStore {
             pool: Pool::Sqlite(pool),
             target,
+            schema_version: 0,
         };
         store.migrate().await?;
         Ok(store)
@@ -419,23 +504,54 @@ impl ThreadStore {
             .connect_with(options)
             .await
             .map_err(|e| classify(&target, e, Backend::Postgres))?;
-        let store = ThreadStore {
+        let mut store = ThreadStore {
             pool: Pool::Postgres(pool),
             target,
+            schema_version: 0,
         };
         store.migrate().await?;
         Ok(store)
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let result = with_pool!(self, |pool| MIGRATOR.run(pool).await);
+    /// Applies the embedded migrations. Pods starting together on an empty database
+    /// take turns: sqlx holds an advisory lock (PostgreSQL) while it migrates.
+    async fn migrate(&mut self) -> Result<(), StoreError> {
+        let migrator = migrator();
+        let result = with_pool!(self, |pool| migrator.run(pool).await);
         result.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(inner) => self.error(inner),
             other => StoreError::Migration {
                 target: self.target.to_string(),
                 message: other.to_string(),
             },
-        })
+        })?;
+        let version = with_pool!(self, |pool| sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MAX(version) FROM _sqlx_migrations WHERE success"
+        )
+        .fetch_one(pool)
+        .await);
+        self.schema_version = version.map_err(|e| self.error(e))?.unwrap_or(0);
+        Ok(())
+    }
+
+    /// The newest schema migration applied to the database (shown on
+    /// `/health/startup`); newer than this binary's own when a newer pod migrated.
+    pub fn schema_version(&self) -> i64 {
+        self.schema_version
+    }
+
+    /// The PostgreSQL pool, which the replicas also coordinate through; `None` for
+    /// SQLite, which only one process uses.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.pool {
+            Pool::Postgres(pool) => Some(pool),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
+    /// Where the store points, without credentials.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     /// `"sqlite"` or `"postgres"`.
@@ -716,6 +832,156 @@ impl ThreadStore {
             })
         });
         result.map_err(|e| self.error(e))
+    }
+
+    /// One page of this user's threads, most recently updated first: at most
+    /// `limit.items` threads and about `limit.bytes` of JSON, always at least one.
+    /// `cursor` is a page's `next_cursor`; a malformed one is [`StoreError::BadCursor`].
+    pub async fn threads_page(
+        &self,
+        user: &str,
+        limit: PageLimit,
+        cursor: Option<&str>,
+    ) -> Result<Page<ThreadSummary>, StoreError> {
+        let after = cursor.map(ThreadCursor::parse).transpose()?;
+        // Keyset paging on (updated_at DESC, thread_id): stable while threads are
+        // updated, unlike an offset.
+        let (after_at, after_id) =
+            after.map_or((i64::MAX, String::new()), |c| (c.updated_at, c.thread_id));
+        let fetch = i64::from(limit.items) + 1;
+        let result = with_pool!(self, |pool| {
+            sqlx::query(
+                "SELECT thread_id, title, updated_at FROM threads WHERE user_id = $1 \
+                 AND (updated_at < $2 OR (updated_at = $2 AND thread_id > $3)) \
+                 ORDER BY updated_at DESC, thread_id LIMIT $4",
+            )
+            .bind(user)
+            .bind(after_at)
+            .bind(&after_id)
+            .bind(fetch)
+            .fetch_all(pool)
+            .await
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<String, _>("thread_id")?,
+                            row.try_get::<String, _>("title")?,
+                            row.try_get::<i64, _>("updated_at")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            })
+        });
+        let rows = result.map_err(|e| self.error(e))?;
+        let mut page = Page::default();
+        let mut bytes = 0;
+        let mut last = None;
+        for (thread_id, title, updated_at) in rows {
+            let size = ENTRY_OVERHEAD_BYTES + thread_id.len() + title.len();
+            if page.items.len() == limit.items as usize
+                || (!page.items.is_empty() && bytes + size > limit.bytes)
+            {
+                page.next_cursor = last.map(|c: ThreadCursor| c.to_string());
+                break;
+            }
+            bytes += size;
+            last = Some(ThreadCursor {
+                updated_at,
+                thread_id: thread_id.clone(),
+            });
+            page.items.push(ThreadSummary {
+                thread_id,
+                title,
+                updated_at: format_micros(updated_at),
+            });
+        }
+        Ok(page)
+    }
+
+    /// One page of one of this user's threads: the newest messages before `cursor`
+    /// (the whole thread's newest without one), oldest first within the page; at
+    /// most `limit.items` messages and about `limit.bytes` of JSON, always at least
+    /// one. `next_cursor` continues with older messages. Another user's thread, or a
+    /// missing one, is [`StoreError::NotFound`].
+    pub async fn thread_page(
+        &self,
+        user: &str,
+        thread_id: &str,
+        limit: PageLimit,
+        cursor: Option<&str>,
+    ) -> Result<Page<StoredMessage>, StoreError> {
+        let before = cursor
+            .map(parse_message_cursor)
+            .transpose()?
+            .unwrap_or(i64::MAX);
+        let fetch = i64::from(limit.items) + 1;
+        let result = with_pool!(self, |pool| {
+            async {
+                let exists =
+                    sqlx::query("SELECT 1 FROM threads WHERE thread_id = $1 AND user_id = $2")
+                        .bind(thread_id)
+                        .bind(user)
+                        .fetch_optional(pool)
+                        .await?
+                        .is_some();
+                if !exists {
+                    return Ok(None);
+                }
+                let rows = sqlx::query(
+                    "SELECT message_id, role, content, created_at, seq FROM messages \
+                     WHERE thread_id = $1 AND user_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4",
+                )
+                .bind(thread_id)
+                .bind(user)
+                .bind(before)
+                .bind(fetch)
+                .fetch_all(pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<String, _>("message_id")?,
+                            row.try_get::<String, _>("role")?,
+                            row.try_get::<String, _>("content")?,
+                            row.try_get::<i64, _>("created_at")?,
+                            row.try_get::<i64, _>("seq")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map(Some)
+            }
+            .await
+        });
+        let Some(rows) = result.map_err(|e| self.error(e))? else {
+            return Err(StoreError::NotFound {
+                thread_id: thread_id.to_owned(),
+            });
+        };
+        let mut page = Page::default();
+        let mut bytes = 0;
+        let mut oldest = None;
+        for (message_id, role, content, created_at, seq) in rows {
+            // Content is escaped on the wire; counting it twice over-estimates
+            // rather than risking a frame over the client's limit.
+            let size = ENTRY_OVERHEAD_BYTES + message_id.len() + content.len() * 2;
+            if page.items.len() == limit.items as usize
+                || (!page.items.is_empty() && bytes + size > limit.bytes)
+            {
+                page.next_cursor = oldest.map(|seq: i64| seq.to_string());
+                break;
+            }
+            bytes += size;
+            oldest = Some(seq);
+            page.items.push(StoredMessage {
+                message_id,
+                role: Role::parse(&role)?,
+                content,
+                created_at: format_micros(created_at),
+            });
+        }
+        page.items.reverse();
+        Ok(page)
     }
 
     /// All messages of one of this user's threads, oldest first. Another user's

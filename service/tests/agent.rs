@@ -264,9 +264,17 @@ async fn threads_and_messages_are_readable_only_by_their_owner() {
         panic!()
     };
 
-    alice.send(&h, ClientRequest::ListThreads).await;
+    alice
+        .send(
+            &h,
+            ClientRequest::ListThreads {
+                limit: None,
+                cursor: None,
+            },
+        )
+        .await;
     match alice.next().await {
-        ServerEvent::Threads { threads } => {
+        ServerEvent::Threads { threads, .. } => {
             assert_eq!(threads.len(), 1);
             assert_eq!(threads[0].thread_id, thread_id);
         }
@@ -277,6 +285,8 @@ async fn threads_and_messages_are_readable_only_by_their_owner() {
             &h,
             ClientRequest::GetThread {
                 thread_id: thread_id.clone(),
+                limit: None,
+                cursor: None,
             },
         )
         .await;
@@ -284,6 +294,7 @@ async fn threads_and_messages_are_readable_only_by_their_owner() {
         ServerEvent::Thread {
             thread_id: id,
             messages,
+            next_cursor: None,
         } => {
             assert_eq!(id, thread_id);
             assert_eq!(messages.len(), 2);
@@ -291,12 +302,27 @@ async fn threads_and_messages_are_readable_only_by_their_owner() {
         other => panic!("{other:?}"),
     }
 
-    bob.send(&h, ClientRequest::ListThreads).await;
-    assert_eq!(bob.next().await, ServerEvent::Threads { threads: vec![] });
+    bob.send(
+        &h,
+        ClientRequest::ListThreads {
+            limit: None,
+            cursor: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        bob.next().await,
+        ServerEvent::Threads {
+            threads: vec![],
+            next_cursor: None
+        }
+    );
     bob.send(
         &h,
         ClientRequest::GetThread {
             thread_id: thread_id.clone(),
+            limit: None,
+            cursor: None,
         },
     )
     .await;
@@ -310,6 +336,8 @@ async fn threads_and_messages_are_readable_only_by_their_owner() {
         &h,
         ClientRequest::GetThread {
             thread_id: "no-such-thread".into(),
+            limit: None,
+            cursor: None,
         },
     )
     .await;
@@ -615,7 +643,15 @@ async fn a_store_failure_is_reported_without_its_details() {
         !text.contains("sqlite") && !text.contains("chat.db"),
         "{text}"
     );
-    alice.send(&h, ClientRequest::ListThreads).await;
+    alice
+        .send(
+            &h,
+            ClientRequest::ListThreads {
+                limit: None,
+                cursor: None,
+            },
+        )
+        .await;
     assert_eq!(
         error_code(&alice.next().await),
         ErrorCode::StorageUnavailable
@@ -752,12 +788,17 @@ fn frames_parse_flat_or_nested_under_payload() {
     );
     assert_eq!(
         parse_client_frame(r#" {"type":"list_threads","payload":{}} "#),
-        Ok(ClientRequest::ListThreads)
+        Ok(ClientRequest::ListThreads {
+            limit: None,
+            cursor: None
+        })
     );
     assert_eq!(
         parse_client_frame(r#"{"type":"get_thread","payload":{"thread_id":"t"}}"#),
         Ok(ClientRequest::GetThread {
-            thread_id: "t".into()
+            thread_id: "t".into(),
+            limit: None,
+            cursor: None
         })
     );
     assert_eq!(
@@ -911,7 +952,8 @@ fn events_serialise_to_the_wire_frames() {
                 thread_id: "t".into(),
                 title: "x".into(),
                 updated_at: "2026-01-01T00:00:00Z".into()
-            }]
+            }],
+            next_cursor: None
         }),
         json!({"type":"threads","threads":[{"thread_id":"t","title":"x","updated_at":"2026-01-01T00:00:00Z"}]})
     );
@@ -923,7 +965,8 @@ fn events_serialise_to_the_wire_frames() {
                 role: Role::Assistant,
                 content: "c".into(),
                 created_at: "2026-01-01T00:00:00Z".into()
-            }]
+            }],
+            next_cursor: None
         }),
         json!({"type":"thread","thread_id":"t","messages":[{"message_id":"m","role":"assistant","content":"c","created_at":"2026-01-01T00:00:00Z"}]})
     );

@@ -1,8 +1,10 @@
-//! The thread store against real SQLite databases (files in temporary directories
-//! and in memory): isolation between users, persistence, ordering, idempotent
-//! client message ids, and which connection failures are worth waiting for.
+//! The thread store against real databases — SQLite files and in-memory databases,
+//! and a real PostgreSQL server: isolation between users, persistence, ordering,
+//! idempotent client message ids, paging, migrations, and which connection
+//! failures are worth waiting for.
 
-use chatgate_service::store::{Role, StoreError, ThreadStore};
+use chatgate_service::store::{PageLimit, Role, StoreError, ThreadStore};
+use chatgate_tests::Postgres;
 
 async fn file_store(dir: &tempfile::TempDir) -> ThreadStore {
     let url = format!("sqlite://{}", dir.path().join("chat.db").display());
@@ -388,127 +390,29 @@ async fn ping_answers_on_a_working_store() {
     memory_store().await.ping().await.unwrap();
 }
 
-/// A throwaway PostgreSQL server on a loopback port, in a temporary directory,
-/// stopped when dropped. `None` when this machine has no PostgreSQL binaries.
-struct Postgres {
-    url: String,
-    data: std::path::PathBuf,
-    bin: std::path::PathBuf,
-    server: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Postgres {
-    fn start() -> Option<Postgres> {
-        use std::os::unix::process::CommandExt;
-        let bin = find_postgres_bin()?;
-        let dir = tempfile::tempdir().unwrap();
-        // PostgreSQL refuses to run as root; the server then runs as `nobody`.
-        let as_root = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
-            .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"));
-        let command = |program: &str| {
-            let mut c = std::process::Command::new(bin.join(program));
-            c.stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .current_dir(dir.path());
-            if as_root {
-                c.uid(65534).gid(65534);
+/// Connects to a database of the test server, waiting out a server still starting.
+async fn connect_pg(url: &str) -> ThreadStore {
+    let mut attempts = 0;
+    loop {
+        match ThreadStore::connect(url).await {
+            Ok(store) => return store,
+            Err(e) if e.is_transient() && attempts < 200 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            c
-        };
-        if as_root {
-            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
-        }
-        let data = dir.path().join("data");
-        let status = command("initdb")
-            .args(["-A", "trust", "-U", "chat", "--no-sync", "-D"])
-            .arg(&data)
-            .status()
-            .expect("run initdb");
-        assert!(status.success(), "initdb failed");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let server = command("postgres")
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off", "-k"])
-            .arg(dir.path())
-            .spawn()
-            .expect("start postgres");
-        Some(Postgres {
-            url: format!("postgres://chat@127.0.0.1:{port}/postgres"),
-            data,
-            bin,
-            server,
-            _dir: dir,
-        })
-    }
-
-    /// Connects, waiting while the server is still starting (a transient error).
-    async fn connect(&self) -> ThreadStore {
-        let mut attempts = 0;
-        loop {
-            match ThreadStore::connect(&self.url).await {
-                Ok(store) => return store,
-                Err(e) if e.is_transient() && attempts < 200 => {
-                    attempts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("connect to the test PostgreSQL: {e}"),
-            }
+            Err(e) => panic!("connect to the test PostgreSQL: {e}"),
         }
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        use std::os::unix::process::CommandExt;
-        let mut stop = std::process::Command::new(self.bin.join("pg_ctl"));
-        stop.args(["stop", "-m", "immediate", "-D"])
-            .arg(&self.data)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        if std::fs::metadata(&self.data).is_ok_and(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.uid() == 65534
-        }) {
-            stop.uid(65534).gid(65534);
-        }
-        let _ = stop.status();
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
-
-fn find_postgres_bin() -> Option<std::path::PathBuf> {
-    let mut candidates: Vec<std::path::PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") {
-        candidates.extend(versions.flatten().map(|v| v.path().join("bin")));
-    }
-    candidates.into_iter().find(|dir| {
-        dir.join("postgres").is_file()
-            && dir.join("initdb").is_file()
-            && dir.join("pg_ctl").is_file()
-    })
+fn postgres() -> Postgres {
+    Postgres::start().unwrap_or_else(|e| panic!("a PostgreSQL server for this test: {e:#}"))
 }
 
 #[tokio::test]
 async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
-    let Some(pg) = Postgres::start() else {
-        eprintln!(
-            "skipped: no PostgreSQL server binaries (postgres, initdb, pg_ctl) on this machine"
-        );
-        return;
-    };
-    let store = pg.connect().await;
+    let pg = postgres();
+    let store = connect_pg(&pg.default_url()).await;
     assert_eq!(store.backend(), "postgres");
     store.ping().await.unwrap();
 
@@ -576,7 +480,7 @@ async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
 
     // A second connect finds the schema in place (migrations are recorded) and the data.
     store.close().await;
-    let again = pg.connect().await;
+    let again = connect_pg(&pg.default_url()).await;
     assert_eq!(
         again
             .get_thread("alice", &posted.thread_id)
@@ -585,4 +489,178 @@ async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
             .len(),
         7
     );
+}
+
+#[tokio::test]
+async fn replicas_starting_together_on_an_empty_database_all_migrate_it() {
+    let pg = postgres();
+    let url = pg.create_database("fresh").unwrap();
+    let connects: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { connect_pg(&url).await })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for connect in connects {
+        versions.push(connect.await.unwrap().schema_version());
+    }
+    let newest = versions[0];
+    assert!(newest >= 2, "{versions:?}");
+    assert!(versions.iter().all(|v| *v == newest), "{versions:?}");
+    let applied = pg
+        .psql(
+            "fresh",
+            "SELECT count(*) FROM _sqlx_migrations WHERE success",
+        )
+        .unwrap();
+    assert_eq!(applied, newest.to_string(), "each migration applied once");
+}
+
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_version_still_opens() {
+    let pg = postgres();
+    let url = pg.create_database("ahead").unwrap();
+    connect_pg(&url).await.close().await;
+    // A newer pod applied a migration this binary does not know.
+    pg.psql(
+        "ahead",
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer version', true, '\\x00', 1)",
+    )
+    .unwrap();
+    let store = connect_pg(&url).await;
+    assert_eq!(store.schema_version(), 9999);
+    store.create_thread("alice", "still works").await.unwrap();
+}
+
+/// Pages of a thread too big for one frame: every message arrives exactly once, in
+/// order, no page over its byte budget (one oversized message alone excepted).
+async fn pages_cover_a_big_thread(store: &ThreadStore) {
+    let posted = store
+        .post_user_message("alice", None, "first", None)
+        .await
+        .unwrap();
+    let mut expected = vec!["first".to_owned()];
+    for i in 0..60 {
+        // About 300 KiB in all: far over one default frame (64 KiB).
+        let content = format!("{i:03}-{}", "x".repeat(5_000));
+        store
+            .append_message("alice", &posted.thread_id, Role::User, &content, None)
+            .await
+            .unwrap();
+        expected.push(content);
+    }
+    let limit = PageLimit {
+        items: 50,
+        bytes: 64 * 1024,
+    };
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let page = store
+            .thread_page("alice", &posted.thread_id, limit, cursor.as_deref())
+            .await
+            .unwrap();
+        let json = serde_json::to_string(&page.items).unwrap();
+        assert!(
+            json.len() <= limit.bytes || page.items.len() == 1,
+            "a page of {} bytes",
+            json.len()
+        );
+        cursor = page.next_cursor.clone();
+        pages.push(page.items);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert!(pages.len() > 4, "{} pages", pages.len());
+    // Pages run newest to oldest; each page is oldest first.
+    let seen: Vec<String> = pages
+        .into_iter()
+        .rev()
+        .flatten()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(seen, expected);
+
+    let small = store
+        .thread_page(
+            "alice",
+            &posted.thread_id,
+            PageLimit {
+                items: 2,
+                bytes: 1 << 20,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(small.items.len(), 2);
+    assert_eq!(small.items[1].content, expected[60]);
+    assert!(matches!(
+        store
+            .thread_page("alice", &posted.thread_id, limit, Some("not-a-cursor"))
+            .await,
+        Err(StoreError::BadCursor)
+    ));
+    assert_not_found(
+        store
+            .thread_page("bob", &posted.thread_id, limit, None)
+            .await,
+        &posted.thread_id,
+    );
+}
+
+/// Pages of the thread list: most recently updated first, each thread once, even
+/// when a thread is updated between pages.
+async fn pages_cover_many_threads(store: &ThreadStore) {
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            store
+                .create_thread("carol", &format!("thread {i}"))
+                .await
+                .unwrap()
+                .thread_id,
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let limit = PageLimit {
+        items: 3,
+        bytes: 1 << 20,
+    };
+    let first = store.threads_page("carol", limit, None).await.unwrap();
+    assert_eq!(first.items.len(), 3);
+    assert_eq!(first.items[0].thread_id, ids[6]);
+    let mut seen: Vec<String> = first.items.iter().map(|t| t.thread_id.clone()).collect();
+    let mut cursor = first.next_cursor.clone();
+    while let Some(c) = cursor {
+        let page = store.threads_page("carol", limit, Some(&c)).await.unwrap();
+        seen.extend(page.items.iter().map(|t| t.thread_id.clone()));
+        cursor = page.next_cursor;
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+    assert!(matches!(
+        store.threads_page("carol", limit, Some("x")).await,
+        Err(StoreError::BadCursor)
+    ));
+}
+
+#[tokio::test]
+async fn sqlite_pages_big_threads_and_long_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir).await;
+    pages_cover_a_big_thread(&store).await;
+    pages_cover_many_threads(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_pages_big_threads_and_long_lists() {
+    let pg = postgres();
+    let store = connect_pg(&pg.default_url()).await;
+    pages_cover_a_big_thread(&store).await;
+    pages_cover_many_threads(&store).await;
 }

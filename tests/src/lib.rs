@@ -21,6 +21,7 @@ pub mod local;
 pub mod namespace;
 pub mod node_agent;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod status_check;
 pub mod wait;
@@ -30,6 +31,7 @@ pub use control_plane::{ControlPlane, ControlPlaneOptions};
 pub use local::{LocalCluster, connect_or_start};
 pub use namespace::TestNamespace;
 pub use node_agent::{AgentNode, NodeAgent};
+pub use postgres::Postgres;
 pub use wait::{WaitError, wait_for, wait_for_deletion, wait_until};
 
 /// Reports progress straight to the process's stderr. `eprintln!` inside a test is
