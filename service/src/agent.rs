@@ -74,6 +74,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::llm::{LlmClient, LlmRequest, PromptMessage, PromptRole, ToolResult};
+use crate::replicas::{Replicas, RunConflict};
 use crate::store::{
     DEFAULT_PAGE_ITEMS, MAX_PAGE_ITEMS, PageLimit, Role, StoreError, StoredMessage, ThreadStore,
     ThreadSummary,
@@ -85,6 +86,10 @@ pub const TOOL_NAME: &str = "word_count";
 /// How long a run waits for room in a full outbound queue before it decides the
 /// client is too slow and stops.
 pub const DEFAULT_SLOW_CLIENT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a finished run keeps trying to store its reply while the database is
+/// unreachable (a restart, a failover) before it reports `storage_unavailable`.
+const REPLY_STORE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Messages of the thread (including the new one) sent to the LLM as context.
 const HISTORY_MESSAGES: u32 = 20;
@@ -114,6 +119,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The thread store failed; sending again later may work.
     StorageUnavailable,
+    /// The pod running the run stopped before it finished; send the message again.
+    RunInterrupted,
 }
 
 impl ErrorCode {
@@ -131,6 +138,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::RunInterrupted => "run_interrupted",
         }
     }
 }
@@ -599,6 +607,10 @@ struct Inner {
     idle: Notify,
     slow_client_grace: Duration,
     page_bytes: usize,
+    /// The other pods of this service (or just this process, with SQLite).
+    replicas: Replicas,
+    /// The run rate limit, applied across pods when the replicas share a database.
+    runs_per_minute: u32,
 }
 
 /// Bytes of JSON a page holds unless [`AgentSupervisor::with_page_bytes`] says
@@ -669,6 +681,8 @@ impl AgentSupervisor {
                 idle: Notify::new(),
                 slow_client_grace: DEFAULT_SLOW_CLIENT_GRACE,
                 page_bytes: DEFAULT_PAGE_BYTES,
+                replicas: Replicas::single(),
+                runs_per_minute,
             }),
         }
     }
@@ -683,6 +697,26 @@ impl AgentSupervisor {
     }
 
     /// The thread store runs write to.
+    /// Runs with the other pods sharing the database: run events go to the user's
+    /// sockets on every pod, `cancel` reaches runs on other pods, and the run rate
+    /// limit counts the user's runs on all of them.
+    pub fn with_replicas(mut self, replicas: Replicas) -> AgentSupervisor {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            if replicas.is_shared() && inner.runs_per_minute > 0 {
+                // The shared allowance replaces this process's own.
+                inner.limiter = None;
+            }
+            inner.replicas = replicas.clone();
+        }
+        let supervisor = Arc::downgrade(&self.inner);
+        replicas.on_cancel(move |user_id, run_id| {
+            supervisor
+                .upgrade()
+                .is_some_and(|inner| AgentSupervisor { inner }.cancel_run(user_id, run_id))
+        });
+        self
+    }
+
     /// Sets how many bytes of JSON one `threads` or `thread` page may hold (the
     /// socket's message limit, so a page always fits one frame).
     pub fn with_page_bytes(mut self, bytes: usize) -> AgentSupervisor {
@@ -773,6 +807,19 @@ impl AgentSupervisor {
         request: ClientRequest,
         out: mpsc::Sender<ServerEvent>,
     ) -> Result<(), DeliveryError> {
+        self.handle_from(user_id, None, request, out).await
+    }
+
+    /// [`handle`](Self::handle) for a request from the socket `origin`: the runs it
+    /// starts send their events to `out`, and to every other socket of the user
+    /// (here and on the other pods) through the replicas.
+    pub async fn handle_from(
+        &self,
+        user_id: &str,
+        origin: Option<&str>,
+        request: ClientRequest,
+        out: mpsc::Sender<ServerEvent>,
+    ) -> Result<(), DeliveryError> {
         match request {
             ClientRequest::Ping => deliver(&out, ServerEvent::pong_now()),
             ClientRequest::ListThreads { limit, cursor } => {
@@ -826,7 +873,9 @@ impl AgentSupervisor {
                 deliver(&out, event)
             }
             ClientRequest::Cancel { run_id } => {
-                if self.cancel_run(user_id, &run_id) {
+                if self.cancel_run(user_id, &run_id)
+                    || self.inner.replicas.cancel_elsewhere(user_id, &run_id).await
+                {
                     // The run itself answers with `error cancelled`.
                     Ok(())
                 } else {
@@ -849,7 +898,7 @@ impl AgentSupervisor {
                 thread_id,
                 client_message_id,
             } => {
-                self.start_run(user_id, content, thread_id, client_message_id, out)
+                self.start_run(user_id, content, thread_id, client_message_id, out, origin)
                     .await
             }
         }
@@ -862,6 +911,7 @@ impl AgentSupervisor {
         thread_id: Option<String>,
         client_message_id: Option<String>,
         out: mpsc::Sender<ServerEvent>,
+        origin: Option<&str>,
     ) -> Result<(), DeliveryError> {
         if self.is_shutting_down() {
             return deliver(
@@ -885,17 +935,7 @@ impl AgentSupervisor {
         let token = match self.admit(user_id, &run_id, client_message_id.as_deref()) {
             Admission::Admitted(token) => token,
             Admission::InFlight { run_id } => {
-                return deliver(
-                    &out,
-                    ServerEvent::Error {
-                        code: ErrorCode::Duplicate,
-                        message: format!(
-                            "the message with this client_message_id is being answered by run {run_id}; its events go to the connection that sent it first"
-                        ),
-                        run_id: Some(run_id.to_string()),
-                        thread_id: None,
-                    },
-                );
+                return deliver(&out, in_flight(run_id.to_string()));
             }
             Admission::Limited { retry_after } => {
                 let limit = self.inner.limiter.map_or(0, |l| l.runs_per_minute);
@@ -915,12 +955,39 @@ impl AgentSupervisor {
         };
         // From here on the run is registered; `registration` unregisters it on
         // every path that does not hand it to a run task.
-        let registration = Registration {
+        let mut registration = Registration {
             supervisor: self.clone(),
             user_id: user_id.into(),
             run_id: run_id.clone(),
             refund: false,
+            shared_allowance: false,
+            recorded: false,
         };
+        let runs_per_minute = self.inner.runs_per_minute;
+        if self.inner.replicas.is_shared() && runs_per_minute > 0 {
+            match self.inner.replicas.take_run(user_id, runs_per_minute).await {
+                Ok(None) => registration.shared_allowance = true,
+                Ok(Some(retry_after)) => {
+                    registration.abandon(false);
+                    return deliver(
+                        &out,
+                        ServerEvent::Error {
+                            code: ErrorCode::RateLimited,
+                            message: format!(
+                                "at most {runs_per_minute} agent runs per minute are allowed; send again in {}s",
+                                retry_after.as_secs().max(1)
+                            ),
+                            run_id: None,
+                            thread_id,
+                        },
+                    );
+                }
+                Err(e) => {
+                    // The message cannot be stored either; the store reports it below.
+                    tracing::debug!(error = %e, "the shared run allowance is not reachable");
+                }
+            }
+        }
 
         let posted = self
             .inner
@@ -970,21 +1037,36 @@ impl AgentSupervisor {
             }
         };
 
-        if let Err(e) = deliver(
-            &out,
-            ServerEvent::AgentStarted {
-                run_id: run_id.to_string(),
-                thread_id: thread_id.clone(),
-                client_message_id,
-                replay: false,
-            },
-        ) {
+        match self
+            .inner
+            .replicas
+            .register_run(&run_id, user_id, &thread_id, client_message_id.as_deref())
+            .await
+        {
+            Ok(()) => registration.recorded = self.inner.replicas.is_shared(),
+            Err(RunConflict::InFlight { run_id }) => {
+                registration.abandon(true);
+                return deliver(&out, in_flight(run_id));
+            }
+        }
+        let started = ServerEvent::AgentStarted {
+            run_id: run_id.to_string(),
+            thread_id: thread_id.clone(),
+            client_message_id,
+            replay: false,
+        };
+        if let Err(e) = deliver(&out, started.clone()) {
             // The message is stored; a retry with its client_message_id runs it.
             registration.abandon(false);
             return Err(e);
         }
+        self.inner
+            .replicas
+            .publish(user_id, &started, origin)
+            .await;
 
         let run = Run {
+            origin: origin.map(Into::into),
             supervisor: self.clone(),
             registration,
             token,
@@ -1082,6 +1164,10 @@ struct Registration {
     run_id: Arc<str>,
     /// Give the rate-limit slot back when unregistering.
     refund: bool,
+    /// The run took one from the user's allowance shared by all pods.
+    shared_allowance: bool,
+    /// The run is in the shared registry of runs in progress.
+    recorded: bool,
 }
 
 impl Registration {
@@ -1095,6 +1181,23 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.supervisor
             .unregister(&self.user_id, &self.run_id, self.refund);
+        let refund = self.refund && self.shared_allowance;
+        if (refund || self.recorded)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let replicas = self.supervisor.inner.replicas.clone();
+            let runs_per_minute = self.supervisor.inner.runs_per_minute;
+            let (user_id, run_id, recorded) =
+                (self.user_id.clone(), self.run_id.clone(), self.recorded);
+            runtime.spawn(async move {
+                if recorded {
+                    replicas.finish_run(&run_id).await;
+                }
+                if refund {
+                    replicas.refund_run(&user_id, runs_per_minute).await;
+                }
+            });
+        }
     }
 }
 
@@ -1118,6 +1221,9 @@ enum Stop {
 }
 
 struct Run {
+    /// The socket that started the run: it gets the events through `out`, every
+    /// other socket of the user through the replicas.
+    origin: Option<Arc<str>>,
     supervisor: AgentSupervisor,
     registration: Registration,
     token: CancellationToken,
@@ -1138,6 +1244,12 @@ impl Run {
             Ok(()) => {}
             Err(Stop::ClientGone) => {
                 tracing::debug!("run stopped: the client's queue is full or closed");
+                // The user's other sockets saw the run start; they hear that it ended.
+                let event = self.error(
+                    ErrorCode::RunInterrupted,
+                    "the run stopped because the connection that started it went away; the message is stored — send it again with the same client_message_id".to_owned(),
+                );
+                self.fan_out(&event).await;
             }
             Err(Stop::Cancelled) => {
                 let (code, message) = if self.supervisor.is_shutting_down() {
@@ -1151,8 +1263,10 @@ impl Run {
                         "the run was cancelled; your message is stored, no reply was saved",
                     )
                 };
+                let event = self.error(code, message.to_owned());
                 // Best effort: the connection may be going away too.
-                let _ = self.out.try_send(self.error(code, message.to_owned()));
+                let _ = self.out.try_send(event.clone());
+                self.fan_out(&event).await;
             }
         }
         drop(self.registration);
@@ -1175,7 +1289,8 @@ impl Run {
             _ = self.token.cancelled() => Err(Stop::Cancelled),
             permit = tokio::time::timeout(grace, self.out.reserve()) => match permit {
                 Ok(Ok(permit)) => {
-                    permit.send(event);
+                    permit.send(event.clone());
+                    self.fan_out(&event).await;
                     Ok(())
                 }
                 Ok(Err(_)) | Err(_) => Err(Stop::ClientGone),
@@ -1183,12 +1298,22 @@ impl Run {
         }
     }
 
+    /// Sends an event of this run to the user's other sockets, on every pod.
+    async fn fan_out(&self, event: &ServerEvent) {
+        self.supervisor
+            .inner
+            .replicas
+            .publish(&self.user_id, event, self.origin.as_deref())
+            .await;
+    }
+
     /// Like [`emit`](Self::emit), for the last event of a run whose outcome is settled.
     async fn emit_uncancellable(&self, event: ServerEvent) -> Result<(), Stop> {
         let grace = self.supervisor.inner.slow_client_grace;
         match tokio::time::timeout(grace, self.out.reserve()).await {
             Ok(Ok(permit)) => {
-                permit.send(event);
+                permit.send(event.clone());
+                self.fan_out(&event).await;
                 Ok(())
             }
             Ok(Err(_)) | Err(_) => Err(Stop::ClientGone),
@@ -1293,17 +1418,7 @@ impl Run {
         if self.token.is_cancelled() {
             return Err(Stop::Cancelled);
         }
-        match inner
-            .store
-            .append_reply(
-                &self.user_id,
-                &self.thread_id,
-                &reply,
-                &self.message_id,
-                run_id,
-            )
-            .await
-        {
+        match self.store_reply(&reply).await {
             Ok(stored) => {
                 // The reply is stored: a cancel arriving now is too late, and the
                 // client must hear that the run completed, not that it was cancelled.
@@ -1322,6 +1437,33 @@ impl Run {
                     Some(self.thread_id.clone()),
                 ))
                 .await
+            }
+        }
+    }
+
+    /// Stores the reply, waiting out a database that is restarting (bounded): the
+    /// reply was streamed to the user, so it should not be lost to a short outage.
+    async fn store_reply(&self, reply: &str) -> Result<StoredMessage, StoreError> {
+        let store = &self.supervisor.inner.store;
+        let deadline = Instant::now() + REPLY_STORE_PATIENCE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match store
+                .append_reply(
+                    &self.user_id,
+                    &self.thread_id,
+                    reply,
+                    &self.message_id,
+                    &self.run_id,
+                )
+                .await
+            {
+                Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %e, "storing the reply failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                result => return result,
             }
         }
     }
@@ -1354,6 +1496,18 @@ pub fn word_count(text: &str) -> String {
         plural(words, "word", "words"),
         plural(chars, "character", "characters")
     )
+}
+
+/// The answer to a retry whose first run is still going (on this pod or another).
+fn in_flight(run_id: String) -> ServerEvent {
+    ServerEvent::Error {
+        code: ErrorCode::Duplicate,
+        message: format!(
+            "the message with this client_message_id is being answered by run {run_id}; its events reach every open connection of this user"
+        ),
+        run_id: Some(run_id),
+        thread_id: None,
+    }
 }
 
 fn thread_not_found(thread_id: String) -> ServerEvent {

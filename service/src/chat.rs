@@ -34,14 +34,22 @@ pub enum Submitted {
 impl ChatLane {
     /// Starts the worker that feeds `supervisor` this socket's requests, one at a
     /// time. It ends when the lane is dropped (the socket closed).
-    pub fn open(supervisor: AgentSupervisor, user: UserId, send_queue: usize) -> ChatLane {
+    pub fn open(
+        supervisor: AgentSupervisor,
+        user: UserId,
+        connection_id: Arc<str>,
+        send_queue: usize,
+    ) -> ChatLane {
         let (requests, mut pending) = mpsc::channel::<ClientRequest>(PENDING_REQUESTS);
         let (out, events) = mpsc::channel(send_queue);
         let overflow = Arc::new(Notify::new());
         let signal = overflow.clone();
         tokio::spawn(async move {
             while let Some(request) = pending.recv().await {
-                match supervisor.handle(&user, request, out.clone()).await {
+                match supervisor
+                    .handle_from(&user, Some(&connection_id), request, out.clone())
+                    .await
+                {
                     Ok(()) => {}
                     Err(DeliveryError::QueueFull) => {
                         signal.notify_one();

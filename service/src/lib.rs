@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod replicas;
 pub mod server;
 pub mod startup;
 pub mod ws;

@@ -270,6 +270,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     let drain = services.config.drain;
     let bridge = services.bridge.clone();
     let supervisor = services.supervisor.clone();
+    let replicas = services.replicas.clone();
     let _ = app.services.set(services);
     app.progress.complete();
     app.metrics.startup_complete.set(1);
@@ -318,6 +319,9 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
         closed = open,
         "open sockets closed with 1012 (service restart)"
     );
+    // This pod's sockets and runs stop counting for the other pods now, not after
+    // they notice the missing heartbeat.
+    let _ = tokio::time::timeout(Duration::from_secs(2), replicas.leave()).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     info!("stopped");

@@ -12,6 +12,7 @@ use crate::bridge::WsBridge;
 use crate::config::{self, ServiceConfig};
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
+use crate::replicas::Replicas;
 use crate::store::ThreadStore;
 use chatgate_contract::{
     ConfigSet, CriticalService, HealthReport, HealthState, PhaseReport, PhaseStatus, ServiceReport,
@@ -28,6 +29,8 @@ pub struct CriticalServices {
     pub config: Arc<ServiceConfig>,
     pub verifier: JwtVerifier,
     pub store: ThreadStore,
+    /// The other pods sharing the store (just this process with SQLite).
+    pub replicas: Replicas,
     pub llm: LlmClient,
     pub bridge: WsBridge,
     pub supervisor: AgentSupervisor,
@@ -259,6 +262,7 @@ async fn run_phases(
     let t = timer.begin(StartupPhase::Storage);
     let store = connect_store(&config.database_url, &timer, deadline).await?;
     progress.with(|inner| inner.schema_version = Some(store.schema_version()));
+    let replicas = join_replicas(&store, &timer, deadline).await?;
     timer.done(t);
 
     let t = timer.begin(StartupPhase::Llm);
@@ -277,7 +281,8 @@ async fn run_phases(
 
     let t = timer.begin(StartupPhase::Supervisor);
     let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute)
-        .with_page_bytes(config.bridge.max_message_bytes);
+        .with_page_bytes(config.bridge.max_message_bytes)
+        .with_replicas(replicas.clone());
     timer.done(t);
 
     // Every service exists by construction; what is left to check is that the
@@ -309,6 +314,7 @@ async fn run_phases(
         config,
         verifier,
         store,
+        replicas,
         llm,
         bridge,
         supervisor,
@@ -348,6 +354,43 @@ async fn connect_store(
             ),
         };
         warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "thread store not reachable yet; retrying");
+        timer.progress.retrying(PHASE, error);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        timer.progress.again(PHASE);
+        timer.metrics.phase_attempt(PHASE);
+    }
+}
+
+/// Joins the other pods through a PostgreSQL store (its heartbeat, its listener for
+/// their events), retrying like the connection itself; SQLite needs nobody.
+async fn join_replicas(
+    store: &ThreadStore,
+    timer: &PhaseTimer<'_>,
+    deadline: Instant,
+) -> Result<Replicas, StartupFailure> {
+    const PHASE: StartupPhase = StartupPhase::Storage;
+    let Some(pool) = store.postgres_pool() else {
+        return Ok(Replicas::single());
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt_limit = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(10));
+        let error = match tokio::time::timeout(attempt_limit, Replicas::join(pool.clone())).await {
+            Ok(Ok(replicas)) => return Ok(replicas),
+            Ok(Err(e)) => format!(
+                "the thread store at {} does not let this pod join the others (events, limits): {e}",
+                store.target()
+            ),
+            Err(_) => format!(
+                "the thread store at {} did not answer within {}s",
+                store.target(),
+                attempt_limit.as_secs()
+            ),
+        };
+        warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "cannot join the other replicas yet; retrying");
         timer.progress.retrying(PHASE, error);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -9,6 +9,7 @@ use crate::agent::{self, ClientRequest, ErrorCode, ServerEvent};
 use crate::auth::{self, UserId};
 use crate::bridge::{Admission, OverLimit};
 use crate::chat::{ChatLane, LaneEvent, Submitted};
+use crate::replicas::{ConnectionSlot, Delivery};
 use crate::server::App;
 use crate::startup::CriticalServices;
 use axum::extract::FromRequestParts;
@@ -18,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Initial read buffer per socket. Chat frames are small; tungstenite grows the
 /// buffer for a larger frame (up to the message limit) when one arrives. The
@@ -81,14 +82,40 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
     if let Some(protocol) = credentials.subprotocol {
         upgrade = upgrade.protocols([protocol]);
     }
-    match services.bridge.admit(&user) {
+    let admitted = match services.bridge.admit(&user) {
         Ok(admission) => {
+            // The per-user limit holds across pods: the other replicas' sockets of
+            // this user count too.
+            match services
+                .replicas
+                .admit_connection(
+                    &user,
+                    &admission.connection_id,
+                    settings.max_connections_per_user,
+                )
+                .await
+            {
+                Ok(Some(slot)) => Ok((admission, Some(slot))),
+                Ok(None) => Err(OverLimit::PerUser),
+                Err(e) => {
+                    // The database is down: this pod's own limit still holds, and
+                    // readiness already sends new clients elsewhere.
+                    warn!(error = %e, "the per-user connection limit across pods cannot be checked; applying this pod's");
+                    Ok((admission, None))
+                }
+            }
+        }
+        Err(over) => Err(over),
+    };
+    match admitted {
+        Ok((admission, slot)) => {
             app.metrics.connects_accepted.inc();
             let connection = Connection {
                 app,
                 services,
                 user,
                 admission,
+                _slot: slot,
                 request_span: tracing::Span::current(),
             };
             upgrade.on_upgrade(move |socket| connection.serve(socket))
@@ -142,6 +169,8 @@ struct Connection {
     services: Arc<CriticalServices>,
     user: UserId,
     admission: Admission,
+    /// The user's connection slot across pods; freed when the socket ends.
+    _slot: Option<ConnectionSlot>,
     /// The upgrade request's span (its trace, on Cloud Run): the socket outlives the
     /// request handler, and its lines keep the request's trace.
     request_span: tracing::Span,
@@ -198,6 +227,12 @@ impl Connection {
             return Ending::SlowReader;
         }
         let mut lane: Option<ChatLane> = None;
+        // Events of this user's runs started by other sockets, here or on other pods.
+        let others = self.services.replicas.subscribe(
+            &self.user,
+            &self.admission.connection_id,
+            settings.send_queue,
+        );
         let tick_every = settings.keepalive.min(settings.idle_timeout);
         let tick = tokio::time::sleep(tick_every);
         tokio::pin!(tick);
@@ -248,6 +283,14 @@ impl Connection {
                         return Ending::SlowReader;
                     }
                 }
+                delivery = others.next() => match delivery {
+                    Delivery::Event(event) => {
+                        if self.deliver(socket, &event).await.is_err() {
+                            return Ending::SlowReader;
+                        }
+                    }
+                    Delivery::Overflow => return Ending::SlowReader,
+                },
                 next = next_from(&mut lane) => match next {
                     LaneEvent::Event(event) => {
                         if self.deliver(socket, &event).await.is_err() {
@@ -284,6 +327,7 @@ impl Connection {
                     ChatLane::open(
                         self.services.supervisor.clone(),
                         self.user.clone(),
+                        self.admission.connection_id.as_str().into(),
                         self.services.bridge.settings().send_queue,
                     )
                 });
