@@ -1060,10 +1060,7 @@ impl AgentSupervisor {
             registration.abandon(false);
             return Err(e);
         }
-        self.inner
-            .replicas
-            .publish(user_id, &started, origin)
-            .await;
+        self.inner.replicas.publish(user_id, &started, origin).await;
 
         let run = Run {
             origin: origin.map(Into::into),

@@ -379,19 +379,20 @@ impl Replicas {
         let Some(shared) = &self.inner.shared else {
             return false;
         };
-        let replica: Option<String> =
-            match sqlx::query_scalar("SELECT replica_id FROM runs WHERE run_id = $1 AND user_id = $2")
-                .bind(run_id)
-                .bind(user)
-                .fetch_optional(&shared.pool)
-                .await
-            {
-                Ok(replica) => replica,
-                Err(e) => {
-                    warn!(error = %e, run_id, "cannot look up where a run is going");
-                    None
-                }
-            };
+        let replica: Option<String> = match sqlx::query_scalar(
+            "SELECT replica_id FROM runs WHERE run_id = $1 AND user_id = $2",
+        )
+        .bind(run_id)
+        .bind(user)
+        .fetch_optional(&shared.pool)
+        .await
+        {
+            Ok(replica) => replica,
+            Err(e) => {
+                warn!(error = %e, run_id, "cannot look up where a run is going");
+                None
+            }
+        };
         let Some(replica) = replica else {
             return false;
         };
@@ -710,7 +711,9 @@ async fn listen(mut listener: PgListener, inner: Weak<Inner>, stop: Cancellation
         match received {
             Ok(Some(notification)) => replicas.receive(notification.payload()),
             // The connection dropped; the next call reconnects and listens again.
-            Ok(None) => warn!("the database connection for other pods' events was lost; reconnecting (events sent meanwhile do not reach this pod's sockets)"),
+            Ok(None) => warn!(
+                "the database connection for other pods' events was lost; reconnecting (events sent meanwhile do not reach this pod's sockets)"
+            ),
             Err(e) => {
                 warn!(error = %e, "cannot listen for other pods' events; retrying");
                 tokio::select! {
@@ -825,7 +828,10 @@ mod tests {
         };
         assert_eq!(got, event);
         let nothing = tokio::time::timeout(Duration::from_millis(50), first.next()).await;
-        assert!(nothing.is_err(), "the origin socket gets its run's events directly");
+        assert!(
+            nothing.is_err(),
+            "the origin socket gets its run's events directly"
+        );
         let nothing = tokio::time::timeout(Duration::from_millis(50), other.next()).await;
         assert!(nothing.is_err(), "another user's socket gets nothing");
     }
