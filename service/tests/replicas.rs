@@ -418,8 +418,9 @@ async fn postgres_restarted_mid_run_loses_no_acknowledged_message() {
     // The reply is complete while the database is down: storing it has to wait.
     pg.stop().unwrap();
     model.release();
-    // An outage of a second or two, as a restart or a failover takes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An outage longer than the pool waits for a connection (5 s), as a slow
+    // restart or a failover takes: the run itself has to retry.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     pg.resume().unwrap();
     let rest = run_events(&mut socket).await;
     assert_eq!(
