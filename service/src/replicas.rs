@@ -68,8 +68,11 @@ struct Inner {
     /// Stops the background tasks.
     stop: CancellationToken,
     /// What a `cancel` arriving from another pod calls (set by the supervisor).
-    on_cancel: OnceLock<Box<dyn Fn(&str, &str) -> bool + Send + Sync>>,
+    on_cancel: OnceLock<CancelHandler>,
 }
+
+/// `(user, run_id) -> found`: stops a run of this pod when another pod asks.
+type CancelHandler = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// The PostgreSQL side, present when the thread store is PostgreSQL.
 struct Shared {
@@ -647,9 +650,12 @@ impl Drop for Subscription {
     }
 }
 
+/// One shard's sockets: each user's mailboxes.
+type Sockets = HashMap<Box<str>, Vec<Arc<Mailbox>>>;
+
 /// This pod's sockets by user, sharded so users rarely share a lock.
 struct Hub {
-    shards: Box<[Mutex<HashMap<Box<str>, Vec<Arc<Mailbox>>>>]>,
+    shards: Box<[Mutex<Sockets>]>,
     hasher: RandomState,
 }
 
@@ -661,7 +667,7 @@ impl Hub {
         }
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<Box<str>, Vec<Arc<Mailbox>>>> {
+    fn shard(&self, user: &str) -> &Mutex<Sockets> {
         &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
