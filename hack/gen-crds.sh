@@ -12,7 +12,10 @@ tmp="$(mktemp)"
 trap 'rm -f "$tmp"' EXIT
 
 # The command prints the generated-by line itself (operator/src/crd.rs, manifest).
-cargo run --quiet -p chatgate-operator -- crd >"$tmp"
+# Built with the workspace's features (as `make test` builds it), not `-p`'s, so the
+# dependencies compiled for the tests are reused.
+cargo build --quiet --workspace --bins
+"${CARGO_TARGET_DIR:-target}/debug/chatgate-operator" crd >"$tmp"
 
 if [[ "${1:-}" == "--check" ]]; then
   stale=0

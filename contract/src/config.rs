@@ -136,13 +136,7 @@ impl ValueKind {
                 }
             }
             ValueKind::Url => {
-                let ok = v.split_once(':').is_some_and(|(scheme, rest)| {
-                    !scheme.is_empty()
-                        && scheme
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-                        && !rest.is_empty()
-                });
+                let ok = url_scheme(v).is_some_and(|scheme| v.len() > scheme.len() + 1);
                 if !ok {
                     return Err(expected());
                 }
@@ -191,6 +185,39 @@ impl ValueKind {
             _ => value.trim().to_string(),
         }
     }
+}
+
+/// The scheme of a URL or DSN (`postgres` of `postgres://…`), if `value` has one.
+/// A scheme is not secret, so it may be read from a Secret's value and shown.
+pub fn url_scheme(value: &str) -> Option<&str> {
+    let (scheme, _) = value.trim().split_once(':')?;
+    (!scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)))
+    .then_some(scheme)
+}
+
+/// The key that chooses the thread store.
+pub const DATABASE_URL: &str = "CHATGATE_DATABASE_URL";
+
+/// Outside development a ChatService runs several replicas, which must share one
+/// database: SQLite keeps each pod's threads inside that pod. Checked wherever the
+/// URL's scheme is known — the service's own environment, a manifest's literal, or
+/// the Secret the operator and `validate` read.
+pub fn shared_database_problem(env: Environment, scheme: &str) -> Option<Problem> {
+    if env == Environment::Development || !scheme.eq_ignore_ascii_case("sqlite") {
+        return None;
+    }
+    Some(Problem::new(
+        DATABASE_URL,
+        env,
+        ProblemKind::Invalid,
+        format!(
+            "uses SQLite, which keeps each pod's threads inside that pod; {env} runs two or more replicas that must share one database"
+        ),
+        "point it at PostgreSQL (postgres://USER:PASSWORD@HOST:PORT/DATABASE), the database every replica shares; SQLite is for development",
+    ))
 }
 
 fn split_list(v: &str) -> impl Iterator<Item = &str> {
@@ -903,6 +930,11 @@ impl ConfigSet {
     }
 
     fn cross_key_checks(&self, env: Environment, problems: &mut Vec<Problem>) {
+        if let Some(ConfigValue::Literal(url)) = self.values.get(DATABASE_URL)
+            && let Some(problem) = url_scheme(url).and_then(|s| shared_database_problem(env, s))
+        {
+            problems.push(problem);
+        }
         let alg = self
             .effective("CHATGATE_JWT_ALGORITHM")
             .unwrap_or("HS256")
@@ -1095,6 +1127,29 @@ mod tests {
         c.set_literal("CHATGATE_ENV", "production")
             .set_literal("CHATGATE_JWT_AUDIENCE", "chat");
         c
+    }
+
+    #[test]
+    fn sqlite_outside_development_is_refused_by_scheme_alone() {
+        for env in [Environment::Staging, Environment::Production] {
+            let problem = shared_database_problem(env, "sqlite").expect("refused");
+            assert_eq!(problem.key, DATABASE_URL);
+            assert!(problem.fix.contains("PostgreSQL"), "{problem}");
+            assert!(shared_database_problem(env, "postgres").is_none());
+            assert!(shared_database_problem(env, "postgresql").is_none());
+        }
+        assert!(shared_database_problem(Environment::Development, "sqlite").is_none());
+
+        let mut set = staging();
+        set.set_literal(DATABASE_URL, "sqlite:///data/pw-in-path.db");
+        let problems = set.validate(Origin::Process);
+        let problem = problems
+            .iter()
+            .find(|p| p.key == DATABASE_URL)
+            .expect("the database key is named");
+        assert!(!problem.to_string().contains("pw-in-path"), "{problem}");
+        assert_eq!(url_scheme(" postgres://u:p@h/db"), Some("postgres"));
+        assert_eq!(url_scheme("no scheme here"), None);
     }
 
     #[test]

@@ -250,7 +250,9 @@ pub struct LlmSpec {
         .message("set database.url or database.urlSecretRef, not both")
 )]
 pub struct DatabaseSpec {
-    /// Database URL without credentials (e.g. `sqlite:///data/chat.db`).
+    /// Database URL without credentials. Development may use SQLite
+    /// (`sqlite:///data/chat.db`); staging and production need PostgreSQL, the one
+    /// database all replicas share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Secret key holding the database URL (use this when it carries credentials).

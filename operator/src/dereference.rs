@@ -37,13 +37,17 @@ impl<T> Lookup<T> {
     }
 }
 
-/// What a Secret holds, as far as validation cares: key names, never values.
+/// What a Secret holds, as far as validation cares: key names and URL schemes,
+/// never values.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecretKeys {
     /// Every key of the Secret.
     pub keys: BTreeSet<String>,
     /// Keys whose value is empty (an empty API key is as missing as no key).
     pub empty: BTreeSet<String>,
+    /// The scheme of each value that is a URL (`postgres`, `sqlite`): not secret,
+    /// and what tells a shared database from one inside each pod.
+    pub schemes: BTreeMap<String, String>,
 }
 
 impl SecretKeys {
@@ -52,13 +56,25 @@ impl SecretKeys {
     pub fn of_secret(secret: &Secret) -> SecretKeys {
         let mut out = SecretKeys::default();
         for (key, ByteString(value)) in secret.data.iter().flatten() {
-            out.insert(key, value.is_empty());
+            out.insert_value(key, value);
         }
         // A Secret built offline (a manifest) may still carry stringData.
         for (key, value) in secret.string_data.iter().flatten() {
-            out.insert(key, value.is_empty());
+            out.insert_value(key, value.as_bytes());
         }
         out
+    }
+
+    /// Records a key from its value, keeping only whether it is empty and its scheme.
+    pub fn insert_value(&mut self, key: &str, value: &[u8]) {
+        self.insert(key, value.is_empty());
+        let scheme = std::str::from_utf8(value)
+            .ok()
+            .and_then(chatgate_contract::config::url_scheme);
+        match scheme {
+            Some(scheme) => self.schemes.insert(key.to_string(), scheme.to_string()),
+            None => self.schemes.remove(key),
+        };
     }
 
     pub fn insert(&mut self, key: &str, empty: bool) {

@@ -17,6 +17,7 @@ use crate::serverless::{self, Target};
 use crate::validation;
 use chatgate_contract::Environment;
 use chatgate_contract::config::{self, KEYS, Problem, ProblemKind};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{CustomResourceExt, ResourceExt};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -561,17 +562,27 @@ impl Inputs {
                 );
             }
             ("Secret", "v1") => {
-                let mut keys = SecretKeys::default();
-                for field in ["data", "stringData"] {
-                    if let Some(map) = value.get(field).and_then(|d| d.as_mapping()) {
-                        for (k, v) in map {
-                            let empty = v.is_null() || v.as_str().is_some_and(str::is_empty);
-                            if let Some(k) = k.as_str() {
-                                keys.insert(k, empty);
+                // Read as the API server would (base64 `data` decoded), so the same
+                // code as in the cluster sees key names and URL schemes; a manifest
+                // the API would refuse still declares its key names.
+                let keys = match serde_norway::from_value::<Secret>(value.clone()) {
+                    Ok(secret) => SecretKeys::of_secret(&secret),
+                    Err(_) => {
+                        let mut keys = SecretKeys::default();
+                        for field in ["data", "stringData"] {
+                            if let Some(map) = value.get(field).and_then(|d| d.as_mapping()) {
+                                for (k, v) in map {
+                                    let empty =
+                                        v.is_null() || v.as_str().is_some_and(str::is_empty);
+                                    if let Some(k) = k.as_str() {
+                                        keys.insert(k, empty);
+                                    }
+                                }
                             }
                         }
+                        keys
                     }
-                }
+                };
                 self.secrets.insert((namespace, name), keys);
             }
             ("ConfigMap", "v1") => {

@@ -11,7 +11,8 @@ use crate::crd::{ChatService, ParityMode};
 use crate::dereference::{self, Dereferenced, Lookup};
 use chatgate_contract::Environment;
 use chatgate_contract::config::{
-    ConfigSet, KEY_PREFIX, Origin, ParityPolicy, Problem, ProblemKind,
+    ConfigSet, DATABASE_URL, KEY_PREFIX, Origin, ParityPolicy, Problem, ProblemKind,
+    shared_database_problem,
 };
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -204,7 +205,21 @@ fn reference_problems(
                 format!("comes from key `{key}` of Secret `{secret}` ({field}), which is empty"),
                 format!("put the value into key `{key}` of Secret `{secret}`"),
             ),
-            Lookup::Found(_) => continue,
+            Lookup::Found(keys) => {
+                if config_key == DATABASE_URL
+                    && let Some(mut problem) = keys
+                        .schemes
+                        .get(key)
+                        .and_then(|scheme| shared_database_problem(env, scheme))
+                {
+                    problem.message = format!(
+                        "comes from key `{key}` of Secret `{secret}` ({field}) and {}",
+                        problem.message
+                    );
+                    problems.push(problem);
+                }
+                continue;
+            }
         };
         problems.push(Problem::new(
             config_key,
@@ -421,6 +436,37 @@ mod tests {
         assert!(p.message.contains("has no such key"), "{p}");
         assert!(p.message.contains("`apikey`, `token`"), "{p}");
         assert!(p.fix.contains("add key `api-key` to Secret `llm`"), "{p}");
+    }
+
+    #[test]
+    fn a_database_secret_holding_a_sqlite_url_is_refused_outside_development() {
+        let sqlite = |read: &mut Dereferenced| {
+            let mut k = SecretKeys::default();
+            k.insert_value("url", b"sqlite:///data/Hunter2-chat.db");
+            read.secrets
+                .as_mut()
+                .unwrap()
+                .insert("db".into(), Lookup::Found(k));
+        };
+        let mut read = all_present();
+        sqlite(&mut read);
+        let v = evaluate(&staging(OPENAI_WITH_KEY), &read);
+        assert_eq!(v.config_problems.len(), 1, "{:?}", v.config_problems);
+        let p = &v.config_problems[0];
+        assert_eq!(p.key, DATABASE_URL);
+        assert!(p.message.contains("key `url` of Secret `db`"), "{p}");
+        assert!(p.message.contains("SQLite"), "{p}");
+        assert!(p.fix.contains("PostgreSQL"), "{p}");
+        assert!(!p.to_string().contains("Hunter2"), "{p}");
+
+        let dev = cs(
+            "dev",
+            "chat",
+            &format!("  environment: development\n{SECRETS}"),
+        );
+        let mut read = all_present();
+        sqlite(&mut read);
+        assert!(evaluate(&dev, &read).config_problems.is_empty());
     }
 
     #[test]

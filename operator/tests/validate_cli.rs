@@ -658,3 +658,52 @@ fn a_secrets_directory_of_empty_key_files_declares_key_names() {
         "directory Secrets match every namespace: {found:?}"
     );
 }
+
+#[test]
+fn a_staging_database_secret_holding_a_sqlite_url_fails_validation_without_showing_it() {
+    use base64::Engine;
+    let secrets = std::fs::read_to_string(fixtures().join("staging-secrets.yaml")).unwrap();
+    let sqlite =
+        base64::engine::general_purpose::STANDARD.encode("sqlite:///var/lib/Hunter2-chat.db");
+    let secrets = secrets.replace(
+        "stringData:\n  url: postgres://chat:placeholder@db.chat-staging:5432/chat",
+        &format!("data:\n  url: {sqlite}"),
+    );
+    assert!(
+        secrets.contains(&sqlite),
+        "the fixture still has chat-db's url"
+    );
+    let out = validate_with_stdin(
+        &["production.yaml", "staging.yaml", "-", "-o", "json"],
+        Some(&secrets),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report = json(&out);
+    let database: Vec<&serde_json::Value> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["resource"] == STAGING && p["key"] == "CHATGATE_DATABASE_URL")
+        .collect();
+    assert_eq!(database.len(), 1, "{report}");
+    let message = database[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("SQLite") && message.contains("chat-db"),
+        "{message}"
+    );
+    assert!(!stdout(&out).contains("Hunter2"), "the URL is a secret");
+
+    // The same Secrets with the PostgreSQL URL pass.
+    let fixed = std::fs::read_to_string(fixtures().join("staging-secrets.yaml")).unwrap();
+    let out = validate_with_stdin(
+        &["production.yaml", "staging.yaml", "-", "-o", "json"],
+        Some(&fixed),
+    );
+    let report = json(&out);
+    assert!(
+        !problems(&report)
+            .iter()
+            .any(|(r, k, _)| r == STAGING && k == "CHATGATE_DATABASE_URL"),
+        "{report}"
+    );
+}

@@ -420,7 +420,7 @@ mod tests {
             .set_literal("CHATGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef")
             .set_literal("CHATGATE_JWT_ISSUER", "https://issuer")
             .set_literal("CHATGATE_JWT_AUDIENCE", "chat")
-            .set_literal("CHATGATE_DATABASE_URL", "sqlite::memory:")
+            .set_literal("CHATGATE_DATABASE_URL", "postgres://chat@db:5432/chat")
             .set_literal("CHATGATE_LLM_PROVIDER", "openai");
         let problems = ServiceConfig::from_set(&set).unwrap_err();
         let line = termination_for(&problems).to_string();

@@ -156,12 +156,38 @@ async fn a_permanent_storage_failure_exits_naming_the_thread_store() {
     );
 }
 
+/// A staging database: PostgreSQL (startup fails before it would connect).
+const STAGING_DATABASE: &str = "postgres://chat@127.0.0.1:1/chat";
+
+#[tokio::test]
+async fn staging_on_sqlite_exits_naming_the_database_key_and_what_to_use() {
+    for env in ["staging", "production"] {
+        let mut service = ServiceBuilder::new()
+            .env("CHATGATE_ENV", env)
+            .env("CHATGATE_DATABASE_URL", "sqlite:///tmp/secret-name-chat.db")
+            .spawn();
+        assert_eq!(service.exit_status().await.code(), Some(1), "{env}");
+        let line = service.termination_log();
+        assert!(
+            line.starts_with(&format!(
+                "phase=storage service=thread_store: CHATGATE_DATABASE_URL uses SQLite, which keeps each pod's threads inside that pod; {env} runs two or more replicas"
+            )),
+            "{line}"
+        );
+        assert!(line.contains("PostgreSQL"), "{line}");
+        assert!(
+            !line.contains("secret-name-chat") && !service.stderr().contains("secret-name-chat"),
+            "the URL itself is a secret: {line}"
+        );
+    }
+}
+
 /// The seed scenario: staging configured for the OpenAI provider without its key.
 #[tokio::test]
 async fn staging_openai_without_api_key_exits_naming_the_key() {
     let mut service = ServiceBuilder::new()
         .env("CHATGATE_ENV", "staging")
-        .env("CHATGATE_DATABASE_URL", "sqlite::memory:")
+        .env("CHATGATE_DATABASE_URL", STAGING_DATABASE)
         .env("CHATGATE_LLM_PROVIDER", "openai")
         .spawn();
     let status = service.exit_status().await;
@@ -191,7 +217,7 @@ async fn staging_openai_without_api_key_exits_naming_the_key() {
 async fn staging_without_a_jwt_secret_exits_naming_the_key_and_the_verifier() {
     let mut service = ServiceBuilder::new()
         .env("CHATGATE_ENV", "staging")
-        .env("CHATGATE_DATABASE_URL", "sqlite::memory:")
+        .env("CHATGATE_DATABASE_URL", STAGING_DATABASE)
         .without("CHATGATE_JWT_SECRET")
         .spawn();
     assert_eq!(service.exit_status().await.code(), Some(1));

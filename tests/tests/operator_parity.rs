@@ -467,7 +467,14 @@ async fn staging_secrets(cp: &ControlPlane, ns: &TestNamespace) {
         &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
     )
     .await;
-    create(&secrets, &secret("chat-db", &[("url", "sqlite::memory:")])).await;
+    create(
+        &secrets,
+        &secret(
+            "chat-db",
+            &[("url", "postgres://chat:pw@db.invalid:5432/chat")],
+        ),
+    )
+    .await;
     create(&secrets, &secret("chat-llm", &[("api-key", "sk-1")])).await;
 }
 
@@ -574,7 +581,14 @@ async fn adding_the_missing_secret_key_clears_config_valid_without_touching_the_
         &secret("chat-jwt", &[("secret", &"s".repeat(40))]),
     )
     .await;
-    create(&secrets, &secret("chat-db", &[("url", "sqlite::memory:")])).await;
+    create(
+        &secrets,
+        &secret(
+            "chat-db",
+            &[("url", "postgres://chat:pw@db.invalid:5432/chat")],
+        ),
+    )
+    .await;
     create(&secrets, &secret("chat-llm", &[("apikey", "sk-1")])).await;
     let operator = start_operator(cp, &env.staging).await;
     let chat_services = env.staging.api::<ChatService>(cp.client());
@@ -618,6 +632,72 @@ async fn adding_the_missing_secret_key_clears_config_valid_without_touching_the_
     assert_eq!(valid.metadata.generation, stalled.metadata.generation);
     assert_eq!(valid.spec, stalled.spec);
     assert!(condition(&valid, conditions::STALLED).is_none());
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staging_database_on_sqlite_stalls_before_any_pod_and_postgres_fixes_it() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "op-sqlite").await;
+    let secrets = env.staging.api::<Secret>(cp.client());
+    staging_secrets(cp, &env.staging).await;
+    secrets
+        .patch(
+            "chat-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "url": "sqlite:///data/Hunter2-chat.db" } })),
+        )
+        .await
+        .expect("the database Secret changes");
+    let operator = start_operator(cp, &env.staging).await;
+    let chat_services = env.staging.api::<ChatService>(cp.client());
+    create(
+        &chat_services,
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::STALLED, "True"),
+    )
+    .await
+    .expect("SQLite in staging stalls the ChatService");
+    let config_valid = condition(&stalled, conditions::CONFIG_VALID).expect("ConfigValid");
+    assert_eq!(config_valid.status, "False");
+    assert!(
+        config_valid.message.contains("CHATGATE_DATABASE_URL")
+            && config_valid.message.contains("SQLite")
+            && config_valid.message.contains("PostgreSQL"),
+        "{config_valid:?}"
+    );
+    let shown = serde_json::to_string(&stalled.status).unwrap();
+    assert!(!shown.contains("Hunter2"), "the URL is a secret: {shown}");
+    let deployments = env.staging.api::<Deployment>(cp.client());
+    assert!(
+        deployments.get_opt("chat").await.expect("get").is_none(),
+        "no workload exists for a configuration that cannot work"
+    );
+
+    secrets
+        .patch(
+            "chat-db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "stringData": { "url": "postgres://chat:pw@db.invalid:5432/chat" } }),
+            ),
+        )
+        .await
+        .expect("the database Secret is fixed");
+    wait_for(
+        &chat_services,
+        "chat",
+        TIMEOUT,
+        condition_now(conditions::CONFIG_VALID, "True"),
+    )
+    .await
+    .expect("pointing the Secret at PostgreSQL clears it, with no edit to the ChatService");
     operator.stop().await;
 }
 
