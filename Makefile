@@ -53,8 +53,9 @@ crds: ## regenerate crds/ (and the chart's copy) from the Rust types
 crds-check: ## fail when crds/ is stale (make test checks it too, as a unit test)
 	hack/gen-crds.sh --check
 
-bench: k8s-bins ## service vs FastAPI peer side by side, then the operator at 500 ChatServices
+bench: k8s-bins postgres ## service vs FastAPI peer side by side, two pods on PostgreSQL, the operator at 500 ChatServices
 	hack/bench.sh
+	hack/bench.sh --replicas
 	$(MAKE) bench-operator
 
 bench-operator: k8s-bins ## the operator at 500 ChatServices on the local control plane

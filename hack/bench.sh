@@ -8,6 +8,8 @@
 # generator in release mode, and passes any arguments to the generator
 # (`hack/bench.sh --json`, `hack/bench.sh --ping-seconds 10`; see `--help`).
 # The last report is also written as JSON to target/bench/last.json.
+# `hack/bench.sh --replicas` measures two pods of the service on one PostgreSQL
+# instead (fan-out delay, events relayed, round trips): target/bench/replicas.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,11 +63,18 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 REVISION=$(git describe --always --dirty 2>/dev/null || echo unknown)
 mkdir -p "$TARGET_DIR/bench"
+JSON_OUT="$TARGET_DIR/bench/last.json"
+if [[ " $* " == *" --replicas "* ]]; then
+    # Two pods on one PostgreSQL (the server binaries come from hack/postgres.sh).
+    CHATGATE_POSTGRES_BIN=${CHATGATE_POSTGRES_BIN:-$(hack/postgres.sh)}
+    export CHATGATE_POSTGRES_BIN
+    JSON_OUT="$TARGET_DIR/bench/replicas.json"
+fi
 exec "$TARGET_DIR/release/chatgate-bench" \
     "${SERVICE_ARGS[@]}" \
     --peer-uvicorn "$VENV/bin/uvicorn" \
     --peer-app-dir "$PEER_DIR" \
     --baseline-bin "$TARGET_DIR/release/chatgate-bench-baseline" \
-    --json-out "$TARGET_DIR/bench/last.json" \
+    --json-out "$JSON_OUT" \
     --revision "$REVISION" \
     "$@"

@@ -6,6 +6,7 @@
 mod client;
 mod phases;
 mod proc_stats;
+mod replicas;
 mod report;
 mod server;
 
@@ -78,6 +79,22 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Instead of the comparison: two pods of the service on one PostgreSQL
+    /// (fan-out delay, events relayed, round trips on two pods against one).
+    #[arg(long)]
+    replicas: bool,
+    /// Users in the fan-out measurement, each with a socket on each pod.
+    #[arg(long, default_value_t = 20)]
+    replica_users: usize,
+    /// Runs each of those users starts.
+    #[arg(long, default_value_t = 10)]
+    replica_runs: usize,
+    /// Clients in the round-trip measurement.
+    #[arg(long, default_value_t = 20)]
+    round_trip_clients: usize,
+    /// Length of each round-trip measurement.
+    #[arg(long, default_value_t = 5.0)]
+    round_trip_seconds: f64,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -108,6 +125,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.replicas {
+        return run_replicas(&args).await;
+    }
     let settings = Settings {
         revision: args.revision.clone(),
         rounds: args.rounds.max(1),
@@ -171,6 +191,32 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// The three servers, in column order; `None` when its program was not given.
+async fn run_replicas(args: &Args) -> Result<()> {
+    let service = args
+        .service_bin
+        .as_ref()
+        .context("--replicas measures the service: pass --service-bin")?;
+    let settings = replicas::ReplicaSettings {
+        users: args.replica_users,
+        runs_per_user: args.replica_runs,
+        round_trip_clients: args.round_trip_clients,
+        round_trip_seconds: args.round_trip_seconds,
+    };
+    let mint = TokenMint::new(&args.jwt_secret);
+    let report = replicas::run(service, &args.jwt_secret, &settings, &mint).await?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        println!("revision {}\n", args.revision);
+        println!("{}", replicas::render(&report));
+    }
+    Ok(())
+}
+
 fn specs(args: &Args) -> Vec<(&'static str, Option<TargetSpec>)> {
     let service = args.service_bin.as_ref().map(|program| {
         let mut env: Vec<(String, String)> = [
