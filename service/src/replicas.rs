@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPool};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -173,6 +173,7 @@ impl Replicas {
         let mailbox = Arc::new(Mailbox {
             connection_id: connection_id.into(),
             queue: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
             capacity: capacity.max(1),
             ready: Notify::new(),
             overflowed: AtomicBool::new(false),
@@ -591,6 +592,9 @@ impl Drop for ConnectionSlot {
 struct Mailbox {
     connection_id: Arc<str>,
     queue: Mutex<VecDeque<ServerEvent>>,
+    /// Events in `queue`, readable without the lock: every wake-up of a socket's
+    /// loop (each ping) looks here, and almost always finds nothing.
+    queued: AtomicUsize,
     capacity: usize,
     ready: Notify,
     /// The socket stopped reading and its queue filled: it is closed, never fed
@@ -606,6 +610,7 @@ impl Mailbox {
                 self.overflowed.store(true, Ordering::Release);
             } else {
                 queue.push_back(event.clone());
+                self.queued.store(queue.len(), Ordering::Release);
             }
         }
         self.ready.notify_one();
@@ -636,8 +641,13 @@ impl Subscription {
             if self.mailbox.overflowed.load(Ordering::Acquire) {
                 return Delivery::Overflow;
             }
-            if let Some(event) = lock(&self.mailbox.queue).pop_front() {
-                return Delivery::Event(event);
+            if self.mailbox.queued.load(Ordering::Acquire) > 0 {
+                let mut queue = lock(&self.mailbox.queue);
+                let event = queue.pop_front();
+                self.mailbox.queued.store(queue.len(), Ordering::Release);
+                if let Some(event) = event {
+                    return Delivery::Event(event);
+                }
             }
             ready.await;
         }

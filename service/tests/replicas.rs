@@ -292,7 +292,9 @@ async fn a_pod_killed_mid_run_has_its_run_failed_by_the_pods_still_alive() {
     assert_eq!(failed["type"], "error", "{failed}");
     assert_eq!(failed["code"], "run_interrupted", "{failed}");
     assert_eq!(failed["run_id"], run_id, "{failed}");
-    assert!(took < Duration::from_secs(15), "reported after {took:?}");
+    // Dead after 10 s without a heartbeat, noticed at the next 2 s heartbeat of a
+    // surviving pod; the rest is margin for a loaded machine.
+    assert!(took < Duration::from_secs(20), "reported after {took:?}");
     assert_eq!(pg.psql("killed", "SELECT count(*) FROM runs").unwrap(), "0");
     assert_quiet(&mut on_b, "the surviving pod's socket").await;
 
