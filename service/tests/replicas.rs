@@ -155,7 +155,7 @@ async fn cancel_from_another_pod_stops_the_run_where_it_runs() {
 
     send_json(
         &mut on_a,
-        json!({"type": "user_message", "content": "take your time"}),
+        json!({"type": "user_message", "content": "take your time", "client_message_id": "slow-1"}),
     )
     .await;
     let run_id = loop {
@@ -164,6 +164,15 @@ async fn cancel_from_another_pod_stops_the_run_where_it_runs() {
             break event["run_id"].clone();
         }
     };
+    // A retry reaching the other pod while the first run goes is not run twice.
+    send_json(
+        &mut on_b,
+        json!({"type": "user_message", "content": "take your time", "client_message_id": "slow-1"}),
+    )
+    .await;
+    let duplicate = next_json(&mut on_b).await;
+    assert_eq!(duplicate["code"], "duplicate", "{duplicate}");
+    assert_eq!(duplicate["run_id"], run_id, "{duplicate}");
     send_json(&mut on_b, json!({"type": "cancel", "run_id": run_id})).await;
     for (socket, who) in [(&mut on_a, "the sender"), (&mut on_b, "the canceller")] {
         let last = loop {
