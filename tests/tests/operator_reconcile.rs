@@ -325,7 +325,8 @@ async fn a_spec_the_operator_rejects_leaves_the_old_deployment_and_stalls() -> R
         "chat-secrets",
         &[
             ("jwt-secret", JWT_SECRET),
-            ("database-url", "sqlite::memory:"),
+            // Staging shares one PostgreSQL (kwok's pods never connect to it).
+            ("database-url", "postgres://chat:pw@db.invalid:5432/chat"),
         ],
     )
     .await?;
