@@ -610,6 +610,126 @@ async fn rotating_a_referenced_secret_rolls_the_pods_and_deleting_it_mid_rollout
     Ok(())
 }
 
+/// A crash between applying the children and writing the status: the first operator
+/// may apply children but is refused the status (its Role lacks `chatservices/status`,
+/// which stops it at exactly that point on every attempt), then is killed without
+/// releasing its Lease. The next one, as the chart's ServiceAccount, takes over,
+/// writes the status and re-applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_between_children_and_status_is_taken_over_without_a_second_write()
+-> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-crash").await?;
+    let admin = cp.client();
+    install_chart_rbac_with(cp, ns.name(), &[&format!("watchNamespace={}", ns.name())])?;
+
+    // The chart's rules in this namespace, less the status, for a user of its own.
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let roles: Api<Role> = ns.api(admin.clone());
+    let mut rules = Vec::new();
+    for role in roles.list(&ListParams::default()).await?.items {
+        rules.extend(role.rules.unwrap_or_default());
+    }
+    rules.retain(|r| {
+        !r.resources
+            .iter()
+            .flatten()
+            .any(|x| x == "chatservices/status")
+    });
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.resources.iter().flatten().any(|x| x == "deployments"))
+    );
+    let user = format!("crashing-{}", ns.name());
+    roles
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": user}, "rules": rules}))?,
+        )
+        .await?;
+    ns.api::<RoleBinding>(admin.clone())
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": user},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }))?,
+        )
+        .await?;
+    let crashing = cp.client_as(&user, &[])?;
+    chatgate_tests::wait_until(TIMEOUT, "the crashing user's Role to take effect", || {
+        let api: Api<ChatService> = ns.api(crashing.clone());
+        async move { Ok(api.list(&ListParams::default()).await.ok().map(|_| ())) }
+    })
+    .await?;
+
+    let mut first = Operator::start_with(crashing, options(ns.name(), "first"));
+    first.wait_leading(TIMEOUT).await?;
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let applied = wait_until(TIMEOUT, "the children applied", || {
+        let deployments = deployments.clone();
+        async move { Ok(deployments.get_opt("chat").await?) }
+    })
+    .await?;
+    // Let it fail the status write a few times (retries back off from 1 s).
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let unwritten = chat_services.get("chat").await?.status.unwrap_or_default();
+    assert!(unwritten.conditions.is_empty(), "{unwritten:?}");
+    let config_maps: Api<ConfigMap> = ns.api(admin.clone());
+    let services: Api<Service> = ns.api(admin.clone());
+    let cm_version = config_maps
+        .get(&meta::config_map_name("chat"))
+        .await?
+        .metadata
+        .resource_version;
+    let svc_version = services.get("chat").await?.metadata.resource_version;
+    first.kill().await;
+
+    // The successor waits out the dead leader's Lease, then converges.
+    let token = cp.service_account_token(ns.name(), OPERATOR_SA).await?;
+    let mut second =
+        Operator::start_with(cp.client_with_token(&token)?, options(ns.name(), "second"));
+    second.wait_leading(TIMEOUT).await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let children_writes = second
+        .health
+        .metrics
+        .writes
+        .get_or_create(&chatgate_operator::metrics::WriteLabels {
+            kind: "children".to_owned(),
+        })
+        .get();
+    assert_eq!(children_writes, 0, "the successor re-applied children");
+    assert_eq!(
+        deployments.get("chat").await?.metadata.generation,
+        applied.metadata.generation
+    );
+    assert_eq!(
+        config_maps
+            .get(&meta::config_map_name("chat"))
+            .await?
+            .metadata
+            .resource_version,
+        cm_version
+    );
+    assert_eq!(
+        services.get("chat").await?.metadata.resource_version,
+        svc_version
+    );
+    second.stop().await;
+    Ok(())
+}
+
 /// The password a user pasted, which no surface a ChatService reader sees may carry.
 const PASSWORD: &str = "Hunter2Secret";
 
