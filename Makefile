@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check postgres cluster bench bench-operator e2e image image-push clean help
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check postgres cluster bench bench-operator e2e fuzz image image-push clean help
 
 all: build
 
@@ -39,6 +39,10 @@ unit-test: ## tests that need no control plane (fast)
 
 e2e: k8s-bins status-check ## only the real-control-plane tests
 	$(CARGO) test -p chatgate-tests
+
+FUZZ_SECONDS ?= 60
+fuzz: ## every fuzz target for FUZZ_SECONDS each (nightly; installs cargo-fuzz if absent)
+	hack/fuzz.sh $(FUZZ_SECONDS)
 
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

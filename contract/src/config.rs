@@ -125,10 +125,19 @@ impl ValueKind {
         }
     }
 
-    /// Checks a literal; the error says what was expected.
-    fn check(self, value: &str) -> Result<(), String> {
+    /// Checks a literal; the error says what was expected. The value is quoted in the
+    /// error only when `shown` is [`Shown::Quoted`]: a secret key's value must never reach
+    /// a message, because messages travel to logs, health reports and object status.
+    fn check(self, value: &str, shown: Shown) -> Result<(), String> {
         let v = value.trim();
-        let expected = || format!("`{}` is not {}", shorten(value), self.describe());
+        let expected = || match shown {
+            Shown::Quoted => format!("`{}` is not {}", shorten(value), self.describe()),
+            Shown::Withheld => format!(
+                "is not {}{} (the value is secret and not shown)",
+                self.describe(),
+                secret_flaw(value)
+            ),
+        };
         match self {
             ValueKind::Text | ValueKind::Path => {
                 if v.is_empty() {
@@ -155,11 +164,15 @@ impl ValueKind {
                     if let Some(allowed) = allowed
                         && !allowed.contains(&item)
                     {
-                        return Err(format!(
-                            "`{}` is not one of {}",
-                            shorten(item),
-                            allowed.join(", ")
-                        ));
+                        return Err(match shown {
+                            Shown::Quoted => {
+                                format!("`{}` is not one of {}", shorten(item), allowed.join(", "))
+                            }
+                            Shown::Withheld => format!(
+                                "has an item that is not one of {} (the value is secret and not shown)",
+                                allowed.join(", ")
+                            ),
+                        });
                     }
                 }
             }
@@ -222,6 +235,31 @@ pub fn shared_database_problem(env: Environment, scheme: &str) -> Option<Problem
 
 fn split_list(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Whether a check may quote the value it rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    Quoted,
+    /// The key is secret: say what is wrong with the value without any of its characters.
+    Withheld,
+}
+
+/// What is visibly wrong with a secret value, described by shape only (never by its
+/// characters), so the owner can fix it without the message leaking it.
+fn secret_flaw(value: &str) -> &'static str {
+    let t = value.trim();
+    let quoted = t.len() >= 2
+        && ((t.starts_with('"') && t.ends_with('"')) || (t.starts_with('\'') && t.ends_with('\'')));
+    if quoted {
+        "; it is wrapped in quotes — remove them"
+    } else if t.starts_with(['"', '\'']) || t.ends_with(['"', '\'']) {
+        "; it starts or ends with a quote — remove it"
+    } else if t.chars().any(char::is_whitespace) {
+        "; it contains whitespace — remove it"
+    } else {
+        ""
+    }
 }
 
 fn shorten(v: &str) -> String {
@@ -856,7 +894,12 @@ impl ConfigSet {
             let value = self.values.get(spec.key);
             match value {
                 Some(ConfigValue::Literal(v)) => {
-                    if let Err(e) = spec.kind.check(v) {
+                    let shown = if spec.secret {
+                        Shown::Withheld
+                    } else {
+                        Shown::Quoted
+                    };
+                    if let Err(e) = spec.kind.check(v, shown) {
                         problems.push(Problem::new(
                             spec.key,
                             env,
@@ -1162,7 +1205,9 @@ mod tests {
     fn every_default_passes_its_own_type_check() {
         for k in KEYS {
             if let Some(d) = k.default {
-                k.kind.check(d).unwrap_or_else(|e| panic!("{}: {e}", k.key));
+                k.kind
+                    .check(d, Shown::Quoted)
+                    .unwrap_or_else(|e| panic!("{}: {e}", k.key));
             }
         }
     }
@@ -1304,6 +1349,34 @@ mod tests {
     }
 
     #[test]
+    fn a_quoted_database_url_is_reported_without_its_password() {
+        let quoted = "\"postgres://chat:Hunter2Secret@db:5432/chat\"";
+        for origin in [Origin::Process, Origin::Manifest] {
+            let mut c = ConfigSet::new();
+            c.set_literal("CHATGATE_DATABASE_URL", quoted);
+            let problems = c.validate(origin);
+            let p = problems
+                .iter()
+                .find(|p| p.key == "CHATGATE_DATABASE_URL")
+                .unwrap_or_else(|| panic!("{problems:?}"));
+            let text = p.to_string();
+            assert!(
+                !text.contains("Hunter2Secret") && !text.contains("chat@db"),
+                "{text}"
+            );
+            assert!(text.contains("wrapped in quotes — remove them"), "{text}");
+        }
+        // A non-secret key still shows its value, which helps find the typo.
+        let mut c = ConfigSet::new();
+        c.set_literal("CHATGATE_MAX_CONNECTIONS", "lots");
+        assert!(
+            c.validate(Origin::Process)[0]
+                .to_string()
+                .contains("`lots`")
+        );
+    }
+
+    #[test]
     fn closest_suggests_a_near_candidate_only() {
         assert_eq!(closest("isuer", ["issuer", "audience"]), Some("issuer"));
         assert_eq!(closest("replicaCount", ["issuer", "audience"]), None);
@@ -1354,6 +1427,28 @@ mod tests {
         fn a_configuration_is_always_in_parity_with_itself(set in arbitrary_set()) {
             let problems = set.parity_with(&set, &ParityPolicy::default());
             prop_assert!(problems.is_empty(), "{:?}", problems);
+        }
+
+        #[test]
+        fn no_message_ever_carries_a_secret_value(
+            set in arbitrary_set(),
+            env in proptest::sample::select(vec!["development", "staging", "production"]),
+            secret in proptest::sample::select(
+                KEYS.iter().filter(|k| k.secret).map(|k| k.key).collect::<Vec<_>>()),
+            before in "[\"' a-z:/@]{0,8}",
+            after in "[\"' a-z:/@.]{0,8}",
+        ) {
+            let mut set = set;
+            set.set_literal("CHATGATE_ENV", env)
+                .set_literal(secret, format!("{before}Zq9Hunter2{after}"));
+            let baseline = production();
+            for origin in [Origin::Manifest, Origin::Process] {
+                let problems = set.validate(origin).into_iter()
+                    .chain(set.parity_with(&baseline, &ParityPolicy::default()));
+                for p in problems {
+                    prop_assert!(!p.to_string().contains("Zq9Hunter2"), "{}", p);
+                }
+            }
         }
 
         #[test]

@@ -12,6 +12,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -41,6 +42,34 @@ pub struct WriteError {
     pub name: String,
     #[source]
     pub source: kube::Error,
+}
+
+/// A child's name is taken by an object this ChatService does not control. The
+/// operator never takes such an object over (a forced apply would make it a child, and
+/// the garbage collector would delete it with the ChatService); a person decides.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{kind} {namespace}/{name} already exists and is not controlled by ChatService {namespace}/{owner} ({controller}); the operator does not take it over: delete or rename that {kind}, or give the ChatService another name"
+)]
+pub struct NotOwned {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The ChatService the child is for.
+    pub owner: String,
+    /// Who controls the existing object, for the message.
+    pub controller: String,
+}
+
+/// Why the apply step stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A request failed; retrying may help.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A child's name is taken by someone else's object; retrying will not help.
+    #[error(transparent)]
+    NotOwned(#[from] NotOwned),
 }
 
 /// What the apply step produced: the Deployment as the API server has it now. Only
@@ -93,7 +122,7 @@ pub async fn apply(
     client: &Client,
     stores: &Stores,
     desired: &Desired,
-) -> Result<Applied, WriteError> {
+) -> Result<Applied, ApplyError> {
     let mut writes = 0;
     apply_one(
         client,
@@ -129,17 +158,41 @@ pub async fn apply(
     Ok(Applied { deployment, writes })
 }
 
+/// Refuses an existing object with the child's name that the child's owner does not
+/// control. `desired` carries the owner reference to the ChatService.
+pub fn check_owned<K: Resource<DynamicType = ()>>(live: &K, desired: &K) -> Result<(), NotOwned> {
+    if owned_by_same(live, desired) {
+        return Ok(());
+    }
+    let controller = controller_of(live)
+        .map(|o| format!("controlled by {} {}", o.kind, o.name))
+        .unwrap_or_else(|| "it has no controller".to_owned());
+    let owner = controller_of(desired)
+        .map(|o| o.name.clone())
+        .unwrap_or_default();
+    Err(NotOwned {
+        kind: K::kind(&()).into_owned(),
+        namespace: desired.namespace().unwrap_or_default(),
+        name: desired.name_any(),
+        owner,
+        controller,
+    })
+}
+
+/// The owner reference marked as the object's controller, if any.
+fn controller_of<K: Resource>(object: &K) -> Option<&OwnerReference> {
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+}
+
 /// Both objects name the same controller (so only the operator's own PDB is deleted).
 fn owned_by_same<A: Resource, B: Resource>(a: &A, b: &B) -> bool {
-    let uid = |m: &kube::api::ObjectMeta| {
-        m.owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.clone())
-    };
-    let ua = uid(a.meta());
-    ua.is_some() && ua == uid(b.meta())
+    let ua = controller_of(a).map(|o| &o.uid);
+    ua.is_some() && ua == controller_of(b).map(|o| &o.uid)
 }
 
 async fn apply_one<K>(
@@ -147,7 +200,7 @@ async fn apply_one<K>(
     store: &Store<K>,
     desired: &K,
     writes: &mut u32,
-) -> Result<Arc<K>, WriteError>
+) -> Result<Arc<K>, ApplyError>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -155,13 +208,31 @@ where
         + Serialize
         + DeserializeOwned,
 {
-    let live = store.get(&ObjectRef::from_obj(desired));
-    if let Some(live) = live.filter(|l| !needs_write(Some(l.as_ref()), desired)) {
-        return Ok(live);
-    }
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<K> = Api::namespaced(client.clone(), &namespace);
+    // The cache holds only objects labelled as managed; one it lacks may still exist
+    // under the child's name, so it is read before anything is created.
+    let live = match store.get(&ObjectRef::from_obj(desired)) {
+        Some(live) => Some(live),
+        None => api
+            .get_opt(&name)
+            .await
+            .map_err(|source| WriteError {
+                verb: "reading",
+                kind: K::kind(&()).into_owned(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?
+            .map(Arc::new),
+    };
+    if let Some(live) = &live {
+        check_owned(live.as_ref(), desired)?;
+    }
+    if let Some(live) = live.filter(|l| !needs_write(Some(l.as_ref()), desired)) {
+        return Ok(live);
+    }
     *writes += 1;
     api.patch(
         &name,
@@ -170,12 +241,15 @@ where
     )
     .await
     .map(Arc::new)
-    .map_err(|source| WriteError {
-        verb: "applying",
-        kind: K::kind(&()).into_owned(),
-        namespace,
-        name,
-        source,
+    .map_err(|source| {
+        WriteError {
+            verb: "applying",
+            kind: K::kind(&()).into_owned(),
+            namespace,
+            name,
+            source,
+        }
+        .into()
     })
 }
 
@@ -275,6 +349,29 @@ mod tests {
         let mut bare = d.config_map.clone();
         bare.annotations_mut().clear();
         assert!(needs_write(Some(&bare), &d.config_map));
+    }
+
+    #[test]
+    fn an_object_without_this_owner_is_never_taken_over() {
+        let d = desired();
+        assert_eq!(check_owned(&d.service, &d.service), Ok(()));
+        let mut foreign = d.service.clone();
+        foreign.metadata.owner_references = None;
+        let refused = check_owned(&foreign, &d.service).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "Service ns/chat already exists and is not controlled by ChatService ns/chat (it has no controller); the operator does not take it over: delete or rename that Service, or give the ChatService another name"
+        );
+        let mut other = d.service.clone();
+        for o in other.metadata.owner_references.iter_mut().flatten() {
+            o.uid = "someone-else".into();
+            o.name = "other".into();
+        }
+        let refused = check_owned(&other, &d.service).unwrap_err();
+        assert!(
+            refused.controller.contains("ChatService other"),
+            "{refused}"
+        );
     }
 
     #[test]

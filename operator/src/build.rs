@@ -13,8 +13,9 @@ use crate::meta::{self, ANNOTATION_APPLIED_HASH, ANNOTATION_CONFIG_HASH};
 use chatgate_contract::config::{ConfigSet, ConfigValue};
 use chatgate_contract::paths;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -81,12 +82,41 @@ impl Desired {
     }
 }
 
+/// CPU and memory for the service container when `spec.resources` is unset: requests
+/// that fit the service at rest (startup and a few idle sockets), limits with room for
+/// bursts of streamed replies.
+pub fn default_resources() -> ResourceRequirements {
+    let quantities = |cpu: &str, memory: &str| {
+        Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(memory.to_owned())),
+        ]))
+    };
+    ResourceRequirements {
+        requests: quantities("100m", "128Mi"),
+        limits: quantities("1", "512Mi"),
+        ..ResourceRequirements::default()
+    }
+}
+
 /// The desired children of `cs`, whose configuration is `config` (from
 /// [`crate::configuration::declared_config`], validated).
 ///
 /// Owner references are set when `cs` has a uid (it came from the API server); an
 /// offline render has none.
 pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
+    build_with_secrets(cs, config, &BTreeMap::new())
+}
+
+/// As [`build`], with the `resourceVersion` of each referenced Secret by name: they
+/// enter the configuration hash on the pod template, so rotating a referenced Secret
+/// rolls the pods (which read Secret values only when they start). Without any (an
+/// offline render) the hash is the configuration's alone.
+pub fn build_with_secrets(
+    cs: &ChatService,
+    config: &ConfigSet,
+    secret_versions: &BTreeMap<String, String>,
+) -> Desired {
     let name = cs.name_any();
     let namespace = cs.namespace();
     let env = cs.spec.environment.as_str();
@@ -125,7 +155,12 @@ pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
         .or_insert_with(|| DEFAULT_LOG_FORMAT.1.to_owned());
 
     let config_hash = {
-        let text = serde_json::to_string(&(&data, &secret_env)).unwrap_or_default();
+        let text = if secret_versions.is_empty() {
+            serde_json::to_string(&(&data, &secret_env))
+        } else {
+            serde_json::to_string(&(&data, &secret_env, secret_versions))
+        }
+        .unwrap_or_default();
         meta::stable_hash(text.as_bytes())
     };
 
@@ -175,9 +210,10 @@ pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
     if !secret_env.is_empty() {
         container["env"] = Value::Array(secret_env);
     }
-    if let Some(resources) = &spec.resources {
-        container["resources"] = serde_json::to_value(resources).unwrap_or_default();
-    }
+    // A container without requests is scheduled as if it needed nothing and, without
+    // limits, can take the node's memory: the defaults apply when the spec names none.
+    let resources = spec.resources.clone().unwrap_or_else(default_resources);
+    container["resources"] = serde_json::to_value(resources).unwrap_or_default();
 
     let selector = meta::selector_labels(&name);
     let mut deployment = json!({

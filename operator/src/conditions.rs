@@ -42,6 +42,9 @@ pub mod reason {
     pub const BASELINE_MISSING: &str = "BaselineMissing";
     /// Pods exit during startup; their termination message names the phase and service.
     pub const STARTUP_FAILED: &str = "StartupFailed";
+    /// An object with a child's name exists and is not controlled by this ChatService;
+    /// the operator does not take it over.
+    pub const CHILD_NOT_OWNED: &str = "ChildNotOwned";
     /// A child could not be written; the operator retries.
     pub const APPLY_FAILED: &str = "ApplyFailed";
     /// The Deployment made no progress within `spec.rollout.progressDeadlineSeconds`.

@@ -4,7 +4,7 @@
 //! The steps that decide are pure and live in their own modules; this one only does
 //! the I/O between them, and owns the error type and the metrics of a reconcile.
 
-use crate::apply::{self, Stores, WriteError};
+use crate::apply::{self, ApplyError, Stores, WriteError};
 use crate::build::{self, CONTAINER_NAME};
 use crate::configuration::declared_config;
 use crate::crd::{ChatService, ChatServiceStatus};
@@ -82,7 +82,43 @@ pub struct Context {
     pub clock: Clock,
     /// How often a ChatService is reconciled with no event at all.
     pub resync: Duration,
+    /// Consecutive failed reconciles per ChatService (`namespace/name`), for the back-off.
+    pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
+
+/// The first retry after a failed reconcile waits about this long.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Retries never wait longer than this, so a fixed cause is noticed within minutes.
+const RETRY_CAP: Duration = Duration::from_secs(300);
+
+/// How long to wait before retrying after the `failures`-th consecutive failure:
+/// exponential from [`RETRY_BASE`], capped at [`RETRY_CAP`], with "equal jitter" —
+/// somewhere in the upper half of that ceiling, chosen by `unit` (0.0..=1.0) — so
+/// ChatServices that failed together (an API server outage) do not retry together.
+pub fn retry_delay(failures: u32, unit: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    let ceiling = RETRY_BASE.saturating_mul(1u32 << doublings).min(RETRY_CAP);
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    ceiling / 2 + ceiling.mul_f64(unit / 2.0)
+}
+
+/// A uniformly spread number in 0.0..=1.0 without a random-number dependency: the
+/// standard library seeds every `RandomState` from the operating system.
+fn jitter_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How soon a ChatService whose child name is taken is looked at again: the foreign
+/// object is not watched, so its removal is noticed this way.
+const NOT_OWNED_RECHECK: Duration = Duration::from_secs(15);
 
 /// Reconciles one ChatService: one tracing span, one duration sample, one counter.
 pub async fn reconcile(cs: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -90,6 +126,17 @@ pub async fn reconcile(cs: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let result = reconcile_inner(&cs, &ctx).instrument(span).await;
+    if result.is_ok() {
+        // A success starts the back-off over.
+        ctx.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&format!(
+                "{}/{}",
+                cs.namespace().unwrap_or_default(),
+                cs.name_any()
+            ));
+    }
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
@@ -100,10 +147,22 @@ pub async fn reconcile(cs: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-/// Retries a failed reconcile after a short pause; the error is logged once.
-pub fn error_policy(cs: Arc<ChatService>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(name = %cs.name_any(), namespace = cs.namespace().unwrap_or_default(), error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+/// Retries a failed reconcile after an exponential, jittered pause; the error is
+/// logged once.
+pub fn error_policy(cs: Arc<ChatService>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", cs.namespace().unwrap_or_default(), cs.name_any());
+    let failures = {
+        let mut all = ctx
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = all.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(failures, jitter_unit());
+    warn!(name = %cs.name_any(), namespace = cs.namespace().unwrap_or_default(), error = %error, failures, retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+    Action::requeue(delay)
 }
 
 async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Error> {
@@ -138,6 +197,7 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         .clone()
         .zip(prev.applied_generation);
     let mut apply_error = None;
+    let mut not_owned = None;
     let (deployment, applied) = if validation.blocks_rollout() {
         debug!(
             problems = validation.all_problems().count(),
@@ -152,7 +212,7 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
                 .collect::<BTreeMap<_, _>>()
         });
         let (config, _) = declared_config(&cs.spec, config_map_data.as_ref());
-        let desired = build::build(cs, &config);
+        let desired = build::build_with_secrets(cs, &config, &validation.secret_versions);
         match apply::apply(&ctx.client, &ctx.stores, &desired).await {
             Ok(result) => {
                 ctx.metrics.wrote("children", u64::from(result.writes));
@@ -173,9 +233,16 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
                     };
                 (Some(result.deployment), applied)
             }
-            Err(e) => {
+            Err(ApplyError::Write(e)) => {
                 // Said on the status too, then retried through the error policy.
                 apply_error = Some(e);
+                (live_deployment(), prev_applied)
+            }
+            Err(ApplyError::NotOwned(e)) => {
+                // A person must act; said on the status, looked at again now and then
+                // (the foreign object is outside the operator's labelled watches).
+                warn!(error = %e, "a child's name is taken");
+                not_owned = Some(e);
                 (live_deployment(), prev_applied)
             }
         }
@@ -199,6 +266,7 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         startup_failures: status::startup_failures(&pods, CONTAINER_NAME),
         applied,
         apply_error: apply_error.as_ref().map(ToString::to_string),
+        not_owned: not_owned.as_ref().map(ToString::to_string),
     };
     let next = status::desired_status(cs.status.as_ref(), &observed, &(ctx.clock)());
     if cs.status.as_ref() != Some(&next) {
@@ -210,6 +278,9 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
     }
     if let Some(e) = apply_error {
         return Err(e.into());
+    }
+    if not_owned.is_some() {
+        return Ok(Action::requeue(NOT_OWNED_RECHECK.min(ctx.resync)));
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -262,5 +333,54 @@ async fn publish_transitions(
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
             warn!(error = %e, reason = %t.reason, "could not record an Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_one_second_up_to_five_minutes() {
+        let ceilings: Vec<u64> = (1..=12)
+            .map(|n| retry_delay(n, 1.0).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            ceilings,
+            [
+                1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000,
+                300_000, 300_000
+            ]
+        );
+        assert_eq!(retry_delay(u32::MAX, 1.0), RETRY_CAP);
+        // The zeroth failure (not expected) is treated as the first.
+        assert_eq!(retry_delay(0, 1.0), RETRY_BASE);
+    }
+
+    #[test]
+    fn jitter_keeps_the_delay_in_the_upper_half_of_its_ceiling() {
+        for n in 1..=15 {
+            let ceiling = retry_delay(n, 1.0);
+            assert_eq!(retry_delay(n, 0.0), ceiling / 2, "failure {n}");
+            assert_eq!(
+                retry_delay(n, 0.5),
+                ceiling / 2 + ceiling / 4,
+                "failure {n}"
+            );
+            for unit in [f64::NAN, -3.0, 7.0] {
+                let d = retry_delay(n, unit);
+                assert!(d >= ceiling / 2 && d <= ceiling, "{n} {unit}: {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_retries_apart() {
+        let units: Vec<f64> = (0..200).map(|_| jitter_unit()).collect();
+        assert!(units.iter().all(|u| (0.0..=1.0).contains(u)));
+        let low = units.iter().filter(|u| **u < 0.5).count();
+        // 200 fair draws fall below one half between 60 and 140 times except with
+        // a probability far below one in a million.
+        assert!((60..=140).contains(&low), "{low} of 200 below 0.5");
     }
 }

@@ -102,7 +102,8 @@ pub struct ChatServiceSpec {
     #[serde(default)]
     pub rollout: RolloutSpec,
 
-    /// CPU and memory requests and limits of the service container.
+    /// CPU and memory requests and limits of the service container. When unset the
+    /// operator requests 100m CPU and 128Mi memory and limits them to 1 CPU and 512Mi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 

@@ -48,13 +48,19 @@ pub struct SecretKeys {
     /// The scheme of each value that is a URL (`postgres`, `sqlite`): not secret,
     /// and what tells a shared database from one inside each pod.
     pub schemes: BTreeMap<String, String>,
+    /// The Secret's `resourceVersion`: it changes whenever a value does, so the pods
+    /// can roll on a rotation without the operator keeping (or hashing) any value.
+    pub version: Option<String>,
 }
 
 impl SecretKeys {
     /// Key names of a Secret as the API server returns it (`data`; `stringData` is
     /// write-only and already merged into `data` by the server).
     pub fn of_secret(secret: &Secret) -> SecretKeys {
-        let mut out = SecretKeys::default();
+        let mut out = SecretKeys {
+            version: secret.metadata.resource_version.clone(),
+            ..SecretKeys::default()
+        };
         for (key, ByteString(value)) in secret.data.iter().flatten() {
             out.insert_value(key, value);
         }
@@ -119,6 +125,27 @@ pub fn referenced_secrets(spec: &ChatServiceSpec) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether ChatServices in `reader_namespace` may use `baseline` as their parity
+/// baseline: always from its own namespace, from another only when the baseline's
+/// [`crate::meta::ANNOTATION_BASELINE_READABLE_FROM`] names that namespace (or `*`).
+pub fn baseline_readable_from(
+    baseline: &ChatService,
+    baseline_namespace: &str,
+    reader_namespace: &str,
+) -> bool {
+    if baseline_namespace == reader_namespace {
+        return true;
+    }
+    baseline
+        .annotations()
+        .get(crate::meta::ANNOTATION_BASELINE_READABLE_FROM)
+        .is_some_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .any(|ns| ns == "*" || ns == reader_namespace)
+        })
+}
+
 /// Where the baseline of a ChatService is, as (namespace, name), when it has one.
 /// The namespace defaults to the ChatService's own.
 pub fn baseline_of(cs: &ChatService) -> Option<(String, String)> {
@@ -158,12 +185,15 @@ pub async fn read(client: &Client, cs: &ChatService) -> Result<Dereferenced, kub
             let api: Api<ChatService> = Api::namespaced(client.clone(), &ns);
             Some(match lookup(api.get_opt(&name).await)? {
                 Lookup::Found(resource) => {
+                    // Nothing more of a baseline that has not opted in is read;
+                    // validation says why it was refused.
+                    let readable = baseline_readable_from(&resource, &ns, &namespace);
                     let config_map = match &resource.spec.config_map_ref {
-                        Some(r) => read_config_map(client, &ns, &r.name)
+                        Some(r) if readable => read_config_map(client, &ns, &r.name)
                             .await?
                             .found()
                             .cloned(),
-                        None => None,
+                        _ => None,
                     };
                     Lookup::Found(Baseline {
                         resource,

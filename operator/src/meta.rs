@@ -32,6 +32,13 @@ pub const ANNOTATION_CONFIG_HASH: &str = "chatgate.dev/config-hash";
 /// object carries the desired hash and has not drifted, nothing is written.
 pub const ANNOTATION_APPLIED_HASH: &str = "chatgate.dev/applied-hash";
 
+/// On a production ChatService: the namespaces whose ChatServices may use it as their
+/// parity baseline (comma-separated, or `*` for every namespace). A baseline in another
+/// namespace is read only when it opts in, so a team cannot point at, and read the
+/// configuration of, another team's production by naming it. The opt-in is on the
+/// object and not on its Namespace: reading Namespaces would need a cluster-wide grant.
+pub const ANNOTATION_BASELINE_READABLE_FROM: &str = "chatgate.dev/baseline-readable-from";
+
 /// The label selector of everything the operator manages, for its watches.
 pub fn managed_selector() -> String {
     format!("{LABEL_MANAGED_BY}={MANAGED_BY}")

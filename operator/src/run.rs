@@ -43,7 +43,8 @@ pub const LEASE_NAME: &str = "chatgate-operator";
 /// How the operator runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Watch only this namespace (default: every namespace).
+    /// Watch only these namespaces, separated by commas (default: every namespace).
+    /// Scoped, the operator needs no cluster-wide permission at all.
     #[arg(long, env = "CHATGATE_OPERATOR_NAMESPACE")]
     pub namespace: Option<String>,
     /// Address of `/healthz`, `/readyz` and `/metrics`; empty to serve none.
@@ -102,8 +103,21 @@ impl Options {
     fn lease_namespace(&self) -> String {
         self.lease_namespace
             .clone()
-            .or_else(|| self.namespace.clone())
+            .or_else(|| self.namespaces().into_iter().next())
             .unwrap_or_else(|| "default".into())
+    }
+
+    /// The namespaces `--namespace` names, in order, without blanks or repeats; empty
+    /// means every namespace.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for ns in self.namespace.iter().flat_map(|n| n.split(',')) {
+            let ns = ns.trim();
+            if !ns.is_empty() && !out.iter().any(|o| o == ns) {
+                out.push(ns.to_owned());
+            }
+        }
+        out
     }
 }
 
@@ -119,6 +133,8 @@ pub struct Health {
     /// Shutting down: not ready any more.
     pub stopping: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// Namespace scopes whose watches have listed (the caches are synced when all have).
+    synced_scopes: std::sync::atomic::AtomicUsize,
     /// The watch being waited for before the caches count as synced (diagnostics).
     pub pending: std::sync::Mutex<&'static str>,
     /// Asks the running controller to reconcile every ChatService now.
@@ -224,8 +240,9 @@ where
     }
 }
 
-/// Runs the controller until `stop` resolves. Sets `health.synced` once every watch
-/// has listed.
+/// Runs the controller until `stop` resolves: one per watched namespace when scoped
+/// (a watch covers one namespace or all of them; scoped, no request is cluster-wide),
+/// one for every namespace otherwise. Sets `health.synced` once every watch has listed.
 pub async fn run_controller(
     client: Client,
     options: &Options,
@@ -233,7 +250,43 @@ pub async fn run_controller(
     clock: Clock,
     stop: impl Future<Output = ()> + Send,
 ) {
-    let ns = options.namespace.as_deref();
+    let namespaces = options.namespaces();
+    let scopes: Vec<Option<&str>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().map(|n| Some(n.as_str())).collect()
+    };
+    health.synced_scopes.store(0, Ordering::SeqCst);
+    let all = futures::future::join_all(scopes.iter().map(|scope| {
+        run_scope(
+            client.clone(),
+            *scope,
+            &scopes,
+            options,
+            health.clone(),
+            clock.clone(),
+        )
+    }));
+    // Dropping the controllers stops them at once: a reconcile cut short is repeated
+    // by the next leader, and every write is idempotent.
+    tokio::select! {
+        _ = all => {}
+        _ = stop => {}
+    }
+    health.synced.store(false, Ordering::SeqCst);
+    health.synced_scopes.store(0, Ordering::SeqCst);
+}
+
+/// The controller of one scope (a namespace, or all of them with `None`); `scopes` are
+/// all the scopes running, whose ChatServices may be baselines for this one's.
+async fn run_scope(
+    client: Client,
+    ns: Option<&str>,
+    scopes: &[Option<&str>],
+    options: &Options,
+    health: Arc<Health>,
+    clock: Clock,
+) {
     let (config_maps, cm_stream) = cached::<ConfigMap>(api(&client, ns));
     let (deployments, deploy_stream) = cached::<Deployment>(api(&client, ns));
     let (services, svc_stream) = cached::<Service>(api(&client, ns));
@@ -283,18 +336,23 @@ pub async fn run_controller(
     )
     .default_backoff()
     .touched_objects();
-    // Baselines may live in other namespaces: watched cluster-wide even when scoped.
+    // Baselines may live in other namespaces: watched in every scope the operator
+    // runs (never beyond them, so a scoped operator makes no cluster-wide request).
     // Only changes are needed (the mapper finds the ChatServices comparing with
     // one), so no second cache of ChatServices is kept.
-    let baselines = watcher(
-        Api::<ChatService>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .touched_objects();
+    let baselines = futures::stream::select_all(scopes.iter().map(|scope| {
+        watcher(
+            api::<ChatService>(&client, *scope),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed()
+    }));
 
     let ready_stores = stores.clone();
     let ready_health = health.clone();
+    let scope_count = scopes.len();
     let _sync = AbortOnDrop::new(tokio::spawn(async move {
         let s = &ready_stores;
         // Each store below has this task as its only waiter (see above for why that
@@ -323,6 +381,10 @@ pub async fn run_controller(
                 return;
             }
         }
+        let listed = ready_health.synced_scopes.fetch_add(1, Ordering::SeqCst) + 1;
+        if listed < scope_count {
+            return;
+        }
         *ready_health
             .pending
             .lock()
@@ -348,6 +410,7 @@ pub async fn run_controller(
         metrics: health.metrics.clone(),
         clock,
         resync: Duration::from_secs(options.resync_seconds.max(1)),
+        failures: Default::default(),
     });
 
     let (s1, s2, s3) = (cs_store.clone(), cs_store.clone(), cs_store.clone());
@@ -378,13 +441,7 @@ pub async fn run_controller(
                 tracing::debug!(error = %e, "reconcile trigger");
             }
         });
-    // Dropping the controller stops it at once: a reconcile cut short is repeated by
-    // the next leader, and every write is idempotent.
-    tokio::select! {
-        _ = running => {}
-        _ = stop => {}
-    }
-    health.synced.store(false, Ordering::SeqCst);
+    running.await;
 }
 
 /// Runs the operator until `shutdown` resolves: HTTP endpoints, leader election and,
@@ -561,7 +618,7 @@ async fn metrics(
 
 #[cfg(test)]
 mod tests {
-    use super::lease_field_manager;
+    use super::{Options, lease_field_manager};
 
     #[test]
     fn each_instance_acquires_the_lease_under_its_own_field_manager() {
@@ -570,5 +627,20 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, "chatgate-operator-lease-chatgate-operator-7d9f-abcde");
         assert!(lease_field_manager(&"é".repeat(100)).len() <= 128);
+    }
+
+    #[test]
+    fn namespaces_are_a_comma_separated_list_without_blanks_or_repeats() {
+        let with = |ns: Option<&str>| Options {
+            namespace: ns.map(str::to_owned),
+            ..Options::default()
+        };
+        assert!(with(None).namespaces().is_empty());
+        assert!(with(Some(" , ")).namespaces().is_empty());
+        assert_eq!(with(Some("a")).namespaces(), ["a"]);
+        assert_eq!(with(Some("b, a,,b ")).namespaces(), ["b", "a"]);
+        // The Lease lives in the first watched namespace unless told otherwise.
+        assert_eq!(with(Some("b, a")).lease_namespace(), "b");
+        assert_eq!(with(None).lease_namespace(), "default");
     }
 }

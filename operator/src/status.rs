@@ -81,6 +81,8 @@ pub struct Observed<'a> {
     pub applied: Option<(String, i64)>,
     /// Why applying the children failed this time (the operator retries).
     pub apply_error: Option<String>,
+    /// A child's name is taken by an object this ChatService does not control.
+    pub not_owned: Option<String>,
 }
 
 /// The status to write, given the previous one and what was observed at `now`.
@@ -213,6 +215,8 @@ pub fn decide(o: &Observed<'_>) -> Vec<Decided> {
                 summarize(&p.problems)
             ),
         ))
+    } else if let Some(m) = &o.not_owned {
+        Some((reason::CHILD_NOT_OWNED, m.clone()))
     } else if let Some(first) = o.startup_failures.first() {
         Some((
             reason::STARTUP_FAILED,
@@ -384,6 +388,7 @@ pub fn transitions(
         reason::BASELINE_MISSING,
         reason::STARTUP_FAILED,
         reason::PROGRESS_DEADLINE_EXCEEDED,
+        reason::CHILD_NOT_OWNED,
     ];
     next.iter()
         .filter(|n| {

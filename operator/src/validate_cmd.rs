@@ -84,6 +84,28 @@ pub enum OutputFormat {
 }
 
 /// Runs the command and returns its exit code.
+/// Validates the manifests of one YAML stream as `validate -` does, without printing:
+/// the report, or why the stream could not be read. The fuzz target `validate` and
+/// its corpus replay call this; it must never panic, whatever the text.
+pub fn validate_manifests(text: &str) -> Result<Report, String> {
+    let mut inputs = Inputs::default();
+    inputs
+        .read_manifests("<input>", text, "default")
+        .map_err(|e| e.to_string())?;
+    Ok(inputs.report())
+}
+
+/// The fuzz target `validate` and its corpus replay (`operator/tests/fuzz_corpus.rs`):
+/// arbitrary bytes as a manifest stream, through validation and both report formats.
+pub fn fuzz_validate(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(report) = validate_manifests(text)
+    {
+        let _ = report.table();
+        let _ = serde_json::to_string(&report);
+    }
+}
+
 pub fn run(args: &ValidateArgs) -> i32 {
     if let Some(key) = &args.explain {
         return explain(key);

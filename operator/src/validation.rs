@@ -33,6 +33,9 @@ pub struct Validation {
     pub parity: Option<ParityOutcome>,
     /// Data of `spec.configMapRef` as read, so the workload can roll when it changes.
     pub config_map_data: Option<BTreeMap<String, String>>,
+    /// `resourceVersion` of each referenced Secret that was found, by name, so the
+    /// workload rolls when a referenced Secret is rotated.
+    pub secret_versions: BTreeMap<String, String>,
 }
 
 /// The result of comparing with the baseline.
@@ -142,10 +145,20 @@ pub fn evaluate(cs: &ChatService, read: &Dereferenced) -> Validation {
         ));
     }
 
+    let secret_versions = read
+        .secrets
+        .iter()
+        .flatten()
+        .filter_map(|(name, lookup)| match lookup {
+            Lookup::Found(keys) => keys.version.clone().map(|v| (name.clone(), v)),
+            _ => None,
+        })
+        .collect();
     Validation {
         config_problems: problems,
         parity: parity(cs, &config, read, &namespace),
         config_map_data,
+        secret_versions,
     }
 }
 
@@ -266,6 +279,19 @@ fn parity(
             format!("the production baseline ChatService `{baseline}` could not be read: {why}"),
             format!("grant the operator `get` on chatservices in namespace `{baseline_ns}`"),
         ),
+        Some(Lookup::Found(b))
+            if !dereference::baseline_readable_from(&b.resource, &baseline_ns, namespace) =>
+        {
+            baseline_problem(
+                format!(
+                    "the production baseline ChatService `{baseline}` is in another namespace and does not allow reading from namespace `{namespace}`"
+                ),
+                format!(
+                    "if the owners of `{baseline}` agree, they annotate it: `kubectl -n {baseline_ns} annotate chatservice {baseline_name} {}={namespace}` (a comma-separated list of namespaces, or *)",
+                    crate::meta::ANNOTATION_BASELINE_READABLE_FROM
+                ),
+            )
+        }
         Some(Lookup::Found(b)) if b.resource.spec.environment != Environment::Production => {
             baseline_problem(
                 format!(
@@ -306,7 +332,64 @@ mod tests {
         let yaml = format!(
             "apiVersion: chatgate.dev/v1alpha1\nkind: ChatService\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  image: x\n{spec}"
         );
-        serde_norway::from_str(&yaml).expect("test ChatService parses")
+        let mut cs: ChatService = serde_norway::from_str(&yaml).expect("test ChatService parses");
+        // Every fixture lets stg compare with it; the opt-in has its own test.
+        cs.annotations_mut().insert(
+            crate::meta::ANNOTATION_BASELINE_READABLE_FROM.to_owned(),
+            "stg".to_owned(),
+        );
+        cs
+    }
+
+    #[test]
+    fn a_baseline_elsewhere_without_the_opt_in_is_refused_naming_the_annotation() {
+        for opt_in in [None, Some("other"), Some(" other , dev ")] {
+            let mut prod = production();
+            match opt_in {
+                Some(list) => prod.annotations_mut().insert(
+                    crate::meta::ANNOTATION_BASELINE_READABLE_FROM.to_owned(),
+                    list.to_owned(),
+                ),
+                None => prod
+                    .annotations_mut()
+                    .remove(crate::meta::ANNOTATION_BASELINE_READABLE_FROM),
+            };
+            let mut read = all_present();
+            read.baseline = Some(Lookup::Found(Baseline {
+                resource: prod,
+                config_map: None,
+            }));
+            let v = evaluate(&staging(OPENAI_WITH_KEY), &read);
+            let parity = v.parity.expect("parity");
+            assert_eq!(parity.problems.len(), 1, "{opt_in:?}");
+            let p = &parity.problems[0];
+            assert_eq!(p.kind, ProblemKind::BaselineMissing);
+            assert!(
+                p.message
+                    .contains("does not allow reading from namespace `stg`"),
+                "{p}"
+            );
+            assert!(
+                p.fix.contains(
+                    "kubectl -n prd annotate chatservice chat chatgate.dev/baseline-readable-from=stg"
+                ),
+                "{p}"
+            );
+        }
+        for opt_in in ["stg", "dev, stg", "*"] {
+            let mut prod = production();
+            prod.annotations_mut().insert(
+                crate::meta::ANNOTATION_BASELINE_READABLE_FROM.to_owned(),
+                opt_in.to_owned(),
+            );
+            let mut read = all_present();
+            read.baseline = Some(Lookup::Found(Baseline {
+                resource: prod,
+                config_map: None,
+            }));
+            let v = evaluate(&staging(OPENAI_WITH_KEY), &read);
+            assert!(v.parity.expect("parity").problems.is_empty(), "{opt_in}");
+        }
     }
 
     fn production() -> ChatService {
@@ -807,6 +890,10 @@ mod tests {
         }))
         .expect("generated spec deserializes");
         cs.metadata.namespace = Some(namespace.to_string());
+        cs.annotations_mut().insert(
+            crate::meta::ANNOTATION_BASELINE_READABLE_FROM.to_owned(),
+            "*".to_owned(),
+        );
         cs
     }
 

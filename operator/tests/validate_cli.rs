@@ -291,7 +291,7 @@ fn stdin_is_read_for_dash() {
         .unwrap();
     assert_eq!(staging["file"], "<stdin>");
     assert_eq!(
-        staging["line"], 21,
+        staging["line"], 24,
         "the second document starts at its `---`"
     );
 }

@@ -1466,12 +1466,12 @@ impl Run {
     }
 
     async fn llm_failed(&self, e: &crate::llm::LlmError) -> Result<(), Stop> {
+        // The detail (provider URL, HTTP error chain, provider's body) is for operators
+        // only: it goes to the log, the client gets the code and what to do.
         tracing::warn!(error = %e, "agent run failed: LLM provider unavailable");
         self.emit(self.error(
             ErrorCode::LlmUnavailable,
-            format!(
-                "{e}; your message is stored — send it again later with the same client_message_id"
-            ),
+            "the assistant is unavailable right now; your message is stored — send it again later with the same client_message_id".to_owned(),
         ))
         .await
     }

@@ -51,14 +51,17 @@ fn read_file(path: &Path) -> Result<ConfigSet, String> {
             path.display()
         )
     })?;
+    parse_file(&text, &path.display().to_string())
+}
+
+/// The configuration file's text (`name` for messages) as a configuration. The fuzz
+/// target `config` and its corpus replay call this; it must never panic.
+pub fn parse_file(text: &str, name: &str) -> Result<ConfigSet, String> {
     let map: BTreeMap<String, serde_norway::Value> = if text.trim().is_empty() {
         BTreeMap::new()
     } else {
-        serde_norway::from_str(&text).map_err(|e| {
-            format!(
-                "the configuration file {} is not a YAML map of CHATGATE_* keys: {e}",
-                path.display()
-            )
+        serde_norway::from_str(text).map_err(|e| {
+            format!("the configuration file {name} is not a YAML map of CHATGATE_* keys: {e}")
         })?
     };
     let mut set = ConfigSet::new();
@@ -83,8 +86,7 @@ fn read_file(path: &Path) -> Result<ConfigSet, String> {
                 .join(","),
             _ => {
                 return Err(format!(
-                    "{key} in {} must be a scalar or a list, not a map",
-                    path.display()
+                    "{key} in {name} must be a scalar or a list, not a map"
                 ));
             }
         };

@@ -11,6 +11,7 @@ pub mod bridge;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
 pub mod replicas;

@@ -495,25 +495,30 @@ impl SseState {
                     self.parse_lines();
                 }
                 Ok(None) => {
-                    // A last line without a newline still counts.
-                    if !self.buffer.is_empty() {
-                        self.buffer.push(b'\n');
-                        self.parse_lines();
-                    }
-                    self.dispatch_event();
-                    if !self.finished {
-                        self.finished = true;
-                        // Some compatible servers omit `[DONE]` after a final chunk.
-                        if !self.saw_finish_reason {
-                            self.pending.push_back(Err(LlmError::unavailable(
-                                "the reply stream ended before the reply was complete",
-                            )));
-                        }
-                    }
+                    self.end_of_body();
                     if self.pending.is_empty() {
                         return None;
                     }
                 }
+            }
+        }
+    }
+
+    /// The body ended: a last line without a newline still counts, and a stream that
+    /// ends without `[DONE]` or a finish reason is a broken reply.
+    fn end_of_body(&mut self) {
+        if !self.buffer.is_empty() {
+            self.buffer.push(b'\n');
+            self.parse_lines();
+        }
+        self.dispatch_event();
+        if !self.finished {
+            self.finished = true;
+            // Some compatible servers omit `[DONE]` after a final chunk.
+            if !self.saw_finish_reason {
+                self.pending.push_back(Err(LlmError::unavailable(
+                    "the reply stream ended before the reply was complete",
+                )));
             }
         }
     }
@@ -586,6 +591,35 @@ impl SseState {
             }
         }
     }
+}
+
+/// Parses a whole server-sent-events body, arriving in `chunks`, into what a run would
+/// see: the reply's deltas and at most one error, which ends it (as [`SseState`] yields
+/// them, without the network). The fuzz target `sse` and its corpus replay call this.
+pub fn parse_sse_body(chunks: &[&[u8]]) -> Vec<Result<String, LlmError>> {
+    let mut state = SseState {
+        body: Box::pin(futures::stream::empty()),
+        buffer: Vec::new(),
+        data: String::new(),
+        pending: VecDeque::new(),
+        finished: false,
+        saw_finish_reason: false,
+        idle: Duration::ZERO,
+    };
+    for chunk in chunks {
+        state.buffer.extend_from_slice(chunk);
+        state.parse_lines();
+    }
+    state.end_of_body();
+    let mut out = Vec::new();
+    for item in state.pending {
+        let failed = item.is_err();
+        out.push(item);
+        if failed {
+            break;
+        }
+    }
+    out
 }
 
 async fn read_error_body(response: reqwest::Response, idle: Duration) -> String {

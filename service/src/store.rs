@@ -1184,12 +1184,22 @@ fn classify(target: &str, e: sqlx::Error, backend: Backend) -> StoreError {
 }
 
 /// sqlx echoes parts of the URL in some parse errors; the URL may hold a password.
+/// The password alone is replaced too, as a parse error may quote just that component.
 fn redact_sqlx_message(message: &str, url: &str) -> String {
     if url.is_empty() {
-        message.to_owned()
-    } else {
-        message.replace(url, "<CHATGATE_DATABASE_URL>")
+        return message.to_owned();
     }
+    let mut out = message.replace(url, "<CHATGATE_DATABASE_URL>");
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    if let Some(password) = password {
+        out = out.replace(password, "<password>");
+    }
+    out
 }
 
 fn new_id() -> String {

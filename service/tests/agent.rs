@@ -552,7 +552,10 @@ async fn a_retry_while_the_first_run_is_going_is_a_duplicate() {
 #[tokio::test]
 async fn a_failed_provider_reports_llm_unavailable_and_keeps_the_message_for_a_retry() {
     let fixture = Fixture::start(Scenario::Echo).await;
-    fixture.push(Scenario::Status(503, "try later".into()));
+    fixture.push(Scenario::Status(
+        503,
+        "upstream pool-7 overloaded; internal-trace Zx9Provider".into(),
+    ));
     let h = Harness::openai(&fixture).await;
     let mut alice = Client::new("alice");
     alice.say(&h, "please answer", None, Some("c-9")).await;
@@ -571,7 +574,14 @@ async fn a_failed_provider_reports_llm_unavailable_and_keeps_the_message_for_a_r
             ..
         } => {
             assert_eq!(id, &run_id);
-            assert!(message.contains("503"), "{message}");
+            // Generic to the client: no status line, provider body, URL or error chain.
+            assert_eq!(
+                message,
+                "the assistant is unavailable right now; your message is stored — send it again later with the same client_message_id"
+            );
+            for internal in ["503", "Zx9Provider", "127.0.0.1", "/v1", "chat/completions"] {
+                assert!(!message.contains(internal), "{internal} in {message}");
+            }
         }
         other => panic!("expected llm_unavailable, got {other:?}"),
     }

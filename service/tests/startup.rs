@@ -182,6 +182,67 @@ async fn staging_on_sqlite_exits_naming_the_database_key_and_what_to_use() {
     }
 }
 
+/// A password-bearing URL pasted with its quotes: the key and the fix are named, and no
+/// character of the password reaches the termination message or the logs.
+#[tokio::test]
+async fn a_malformed_secret_is_named_but_never_echoed() {
+    let mut service = ServiceBuilder::new()
+        .env(
+            "CHATGATE_DATABASE_URL",
+            "\"postgres://chat:Hunter2Secret@db:5432/chat\"",
+        )
+        .spawn();
+    assert_eq!(service.exit_status().await.code(), Some(1));
+    let line = service.termination_log();
+    assert!(
+        line.starts_with("phase=storage service=thread_store: CHATGATE_DATABASE_URL"),
+        "{line}"
+    );
+    assert!(line.contains("wrapped in quotes — remove them"), "{line}");
+    for (surface, text) in [
+        ("termination message", line),
+        ("stderr", service.stderr()),
+        ("stdout", service.stdout()),
+    ] {
+        assert!(!text.contains("Hunter2Secret"), "{surface}: {text}");
+    }
+}
+
+/// While the database is retried, its password stays out of `/health/startup` and the logs.
+#[tokio::test]
+async fn a_database_password_never_reaches_health_or_logs_while_retrying() {
+    let dead = free_port();
+    let mut service = ServiceBuilder::new()
+        .env(
+            "CHATGATE_DATABASE_URL",
+            &format!("postgres://chat:Hunter2Secret@127.0.0.1:{dead}/chat"),
+        )
+        .env("CHATGATE_STARTUP_BUDGET_SECONDS", "120")
+        .spawn();
+    let report = eventually("storage has been retried twice", || async {
+        let (_, report, _) = service.get("/health/startup").await?;
+        let storage = report["phases"].as_array()?.get(2)?.clone();
+        (storage["attempts"].as_u64()? >= 2).then_some(report)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", service.stderr()));
+    assert!(
+        report["phases"][2]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CHATGATE_DATABASE_URL")),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("Hunter2Secret"), "{report}");
+    service.signal("TERM");
+    let _ = service.exit_status().await;
+    assert!(
+        !service.stderr().contains("Hunter2Secret"),
+        "{}",
+        service.stderr()
+    );
+    assert!(!service.termination_log().contains("Hunter2Secret"));
+}
+
 /// The seed scenario: staging configured for the OpenAI provider without its key.
 #[tokio::test]
 async fn staging_openai_without_api_key_exits_naming_the_key() {

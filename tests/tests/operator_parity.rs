@@ -15,6 +15,7 @@ use std::time::Duration;
 use chatgate_contract::config::ProblemKind;
 use chatgate_operator::conditions::{self, reason};
 use chatgate_operator::crd::ChatService;
+use chatgate_operator::meta;
 use chatgate_operator::validation::{self, BASELINE_FIELD, Validation};
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -143,6 +144,17 @@ fn set(items: &[(&str, ProblemKind)]) -> BTreeSet<(String, &'static str)> {
         .collect()
 }
 
+/// Production's ChatService, letting `staging` compare with it (a baseline in another
+/// namespace must opt in).
+fn production_baseline(staging: &TestNamespace) -> ChatService {
+    let mut baseline = chat_service("chat", production_spec());
+    baseline.annotations_mut().insert(
+        meta::ANNOTATION_BASELINE_READABLE_FROM.to_owned(),
+        format!("other-team, {}", staging.name()),
+    );
+    baseline
+}
+
 /// A production and a staging namespace, with production's ChatService in place.
 struct Environments {
     production: TestNamespace,
@@ -159,7 +171,7 @@ async fn environments(cp: &ControlPlane, prefix: &str) -> Environments {
         .unwrap();
     create(
         &production.api::<ChatService>(cp.client()),
-        &chat_service("chat", production_spec()),
+        &production_baseline(&staging),
     )
     .await;
     Environments {
@@ -207,6 +219,66 @@ async fn seed_scenario_the_missing_llm_key_is_named_in_config_and_parity() {
     assert_eq!(
         v.parity.as_ref().map(|p| p.baseline.clone()),
         Some(format!("{}/chat", env.production.name()))
+    );
+    assert!(v.blocks_rollout());
+}
+
+#[tokio::test]
+async fn a_baseline_in_another_namespace_is_read_only_when_it_opts_in() {
+    let cp = ControlPlane::shared().await;
+    let env = environments(cp, "optin").await;
+    let client = client_with_rules(cp, "validation-optin", validation_rules()).await;
+    wait_until_authorized(&client, env.staging.name()).await;
+    staging_secrets(cp, &env.staging).await;
+    let staging = create(
+        &env.staging.api::<ChatService>(cp.client()),
+        &chat_service("chat", staging_spec(env.production.name())),
+    )
+    .await;
+    assert!(
+        validation::check(&client, &staging)
+            .await
+            .expect("check reads")
+            .all_problems()
+            .next()
+            .is_none(),
+        "opted in for staging: compared and in parity"
+    );
+
+    // Production withdraws the opt-in: the comparison is refused and says how to allow it.
+    let production = env.production.api::<ChatService>(cp.client());
+    production
+        .patch(
+            "chat",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                meta::ANNOTATION_BASELINE_READABLE_FROM: "other-team"
+            }}})),
+        )
+        .await
+        .expect("the annotation changes");
+    let v = validation::check(&client, &staging)
+        .await
+        .expect("check reads");
+    assert_eq!(
+        found(&v),
+        set(&[(BASELINE_FIELD, ProblemKind::BaselineMissing)])
+    );
+    let p = v.all_problems().next().unwrap();
+    assert!(
+        p.message.contains(&format!(
+            "does not allow reading from namespace `{}`",
+            env.staging.name()
+        )),
+        "{p}"
+    );
+    assert!(
+        p.fix.contains(&format!(
+            "annotate chatservice chat {}={}",
+            meta::ANNOTATION_BASELINE_READABLE_FROM,
+            env.staging.name()
+        )),
+        "{p}"
     );
     assert!(v.blocks_rollout());
 }
@@ -737,7 +809,7 @@ async fn creating_the_missing_baseline_clears_parity_without_touching_staging() 
 
     create(
         &production.api::<ChatService>(cp.client()),
-        &chat_service("chat", production_spec()),
+        &production_baseline(&staging),
     )
     .await;
     let in_parity = wait_for(

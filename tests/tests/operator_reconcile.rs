@@ -15,7 +15,6 @@ use chatgate_contract::Environment;
 use chatgate_operator::conditions::{self, reason};
 use chatgate_operator::crd::{ChatService, SecretKeyRef};
 use chatgate_operator::meta;
-use chatgate_tests::wait::pod_ready;
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_for_deletion, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
@@ -417,35 +416,12 @@ async fn a_pod_failing_startup_is_named_on_the_status_and_printer_column() -> Re
     wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
 
     let pods: Api<Pod> = ns.api(admin.clone());
-    let pod = wait_until(TIMEOUT, "a ready pod of chat", || {
-        let pods = pods.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels(&format!("{}=chat", meta::LABEL_INSTANCE)))
-                .await?;
-            Ok(list.items.into_iter().find(pod_ready))
-        }
-    })
-    .await?;
+    let pod = a_ready_pod(&pods, "chat").await?;
 
     // kwok runs no container, so the test writes what the kubelet would after the
     // service exited with its termination message: through the status subresource.
     let message = "phase=supervisor service=agent_supervisor: LLM API key missing";
-    pods.patch_status(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"containerStatuses": [{
-            "name": "chatgate",
-            "image": "ghcr.io/chatgate/chatgate-service:test",
-            "imageID": "",
-            "ready": false,
-            "started": false,
-            "restartCount": 3,
-            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
-            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}},
-        }]}})),
-    )
-    .await?;
+    report_crash(&pods, &pod.name_any(), message, 3).await?;
 
     let want = format!(
         "pod {}: agent supervisor missing: LLM API key missing",
@@ -478,6 +454,368 @@ async fn a_pod_failing_startup_is_named_on_the_status_and_printer_column() -> Re
             table.contains("agent supervisor missing: LLM API key missing"),
             "{table}"
         );
+    }
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_object_with_a_child_name_is_reported_not_taken_over() -> Result<()> {
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-takeover").await?;
+    let services: Api<Service> = ns.api(admin.clone());
+    let theirs: Service = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "chat", "labels": {"team": "payments"}},
+        "spec": {"selector": {"app": "payments"}, "ports": [{"port": 9000}]},
+    }))?;
+    services.create(&Default::default(), &theirs).await?;
+
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    let (stalled, message) = wait_stalled(&chat_services, "chat", reason::CHILD_NOT_OWNED).await?;
+    assert!(
+        message.starts_with(&format!(
+            "Service {0}/chat already exists and is not controlled by ChatService {0}/chat",
+            ns.name()
+        )),
+        "{message}"
+    );
+    let ready = condition(&stalled, conditions::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason::CHILD_NOT_OWNED)
+    );
+
+    // Their Service is as they made it: no owner reference, no field of the operator's.
+    let after = services.get("chat").await?;
+    assert!(after.metadata.owner_references.is_none(), "{after:?}");
+    assert_eq!(
+        after.spec.as_ref().and_then(|s| s.selector.clone()),
+        Some([("app".to_owned(), "payments".to_owned())].into())
+    );
+    assert!(
+        after
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .all(|m| m.manager.as_deref() != Some(meta::FIELD_MANAGER)),
+        "{:?}",
+        after.metadata.managed_fields
+    );
+
+    // Once they remove it, the operator creates its own and the ChatService gets Ready.
+    services.delete("chat", &DeleteParams::default()).await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let ours = services.get("chat").await?;
+    assert!(
+        ours.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "ChatService" && o.name == "chat"),
+        "{ours:?}"
+    );
+    op.stop().await;
+    Ok(())
+}
+
+fn template_config_hash(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(meta::ANNOTATION_CONFIG_HASH))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Pods read Secret values when they start, so a rotated Secret rolls them; a Secret
+/// deleted during that rollout stalls the ChatService without another write, and
+/// recreating it completes the rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_referenced_secret_rolls_the_pods_and_deleting_it_mid_rollout_stalls()
+-> Result<()> {
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-rotate").await?;
+    let secret_data = [
+        ("jwt-secret", JWT_SECRET),
+        ("database-url", "sqlite::memory:"),
+    ];
+    create_secret(&admin, ns.name(), "chat-secrets", &secret_data).await?;
+    let cs = ChatService::test("chat")
+        .in_env(Environment::Staging)
+        .with_secret("chat-secrets")
+        .replicas(1)
+        .build();
+    create(&admin, ns.name(), &cs).await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let before = deployments.get("chat").await?;
+    let hash_before = template_config_hash(&before);
+    assert!(!hash_before.is_empty());
+
+    // Rotate the JWT secret: the pod template changes, so the Deployment rolls.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api(admin.clone());
+    secrets
+        .patch(
+            "chat-secrets",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"jwt-secret": "a-rotated-secret-of-at-least-thirty-two-bytes"}})),
+        )
+        .await?;
+    let rotated = wait_for(&deployments, "chat", TIMEOUT, move |d: &Deployment| {
+        template_config_hash(d) != hash_before
+    })
+    .await?;
+
+    // Deleted while that rollout goes on: the ChatService stalls naming the Secret,
+    // and the operator writes nothing to the Deployment.
+    secrets
+        .delete("chat-secrets", &DeleteParams::default())
+        .await?;
+    let (_, message) = wait_stalled(&chat_services, "chat", reason::MISSING_REFERENCE).await?;
+    assert!(message.contains("chat-secrets"), "{message}");
+    let during = deployments.get("chat").await?;
+    assert_eq!(during.metadata.generation, rotated.metadata.generation);
+    assert_eq!(
+        template_config_hash(&during),
+        template_config_hash(&rotated)
+    );
+
+    // Back with the rotated values: Ready, on the rotated template.
+    create_secret(
+        &admin,
+        ns.name(),
+        "chat-secrets",
+        &[
+            (
+                "jwt-secret",
+                "a-rotated-secret-of-at-least-thirty-two-bytes",
+            ),
+            ("database-url", "sqlite::memory:"),
+        ],
+    )
+    .await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let after = deployments.get("chat").await?;
+    // A recreated Secret is a new object with a new version: one more roll, no more.
+    assert!(after.metadata.generation <= rotated.metadata.generation.map(|g| g + 1));
+    op.stop().await;
+    Ok(())
+}
+
+/// A crash between applying the children and writing the status: the first operator
+/// may apply children but is refused the status (its Role lacks `chatservices/status`,
+/// which stops it at exactly that point on every attempt), then is killed without
+/// releasing its Lease. The next one, as the chart's ServiceAccount, takes over,
+/// writes the status and re-applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_between_children_and_status_is_taken_over_without_a_second_write()
+-> Result<()> {
+    let cp = ControlPlane::shared().await;
+    install_crd(cp).await?;
+    let ns = TestNamespace::new(cp, "op-crash").await?;
+    let admin = cp.client();
+    install_chart_rbac_with(cp, ns.name(), &[&format!("watchNamespace={}", ns.name())])?;
+
+    // The chart's rules in this namespace, less the status, for a user of its own.
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let roles: Api<Role> = ns.api(admin.clone());
+    let mut rules = Vec::new();
+    for role in roles.list(&ListParams::default()).await?.items {
+        rules.extend(role.rules.unwrap_or_default());
+    }
+    rules.retain(|r| {
+        !r.resources
+            .iter()
+            .flatten()
+            .any(|x| x == "chatservices/status")
+    });
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.resources.iter().flatten().any(|x| x == "deployments"))
+    );
+    let user = format!("crashing-{}", ns.name());
+    roles
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": user}, "rules": rules}))?,
+        )
+        .await?;
+    ns.api::<RoleBinding>(admin.clone())
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": user},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }))?,
+        )
+        .await?;
+    let crashing = cp.client_as(&user, &[])?;
+    chatgate_tests::wait_until(TIMEOUT, "the crashing user's Role to take effect", || {
+        let api: Api<ChatService> = ns.api(crashing.clone());
+        async move { Ok(api.list(&ListParams::default()).await.ok().map(|_| ())) }
+    })
+    .await?;
+
+    let mut first = Operator::start_with(crashing, options(ns.name(), "first"));
+    first.wait_leading(TIMEOUT).await?;
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    let deployments: Api<Deployment> = ns.api(admin.clone());
+    let applied = wait_until(TIMEOUT, "the children applied", || {
+        let deployments = deployments.clone();
+        async move { Ok(deployments.get_opt("chat").await?) }
+    })
+    .await?;
+    // Let it fail the status write a few times (retries back off from 1 s).
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let unwritten = chat_services.get("chat").await?.status.unwrap_or_default();
+    assert!(unwritten.conditions.is_empty(), "{unwritten:?}");
+    let config_maps: Api<ConfigMap> = ns.api(admin.clone());
+    let services: Api<Service> = ns.api(admin.clone());
+    let cm_version = config_maps
+        .get(&meta::config_map_name("chat"))
+        .await?
+        .metadata
+        .resource_version;
+    let svc_version = services.get("chat").await?.metadata.resource_version;
+    first.kill().await;
+
+    // The successor waits out the dead leader's Lease, then converges.
+    let token = cp.service_account_token(ns.name(), OPERATOR_SA).await?;
+    let mut second =
+        Operator::start_with(cp.client_with_token(&token)?, options(ns.name(), "second"));
+    second.wait_leading(TIMEOUT).await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let children_writes = second
+        .health
+        .metrics
+        .writes
+        .get_or_create(&chatgate_operator::metrics::WriteLabels {
+            kind: "children".to_owned(),
+        })
+        .get();
+    assert_eq!(children_writes, 0, "the successor re-applied children");
+    assert_eq!(
+        deployments.get("chat").await?.metadata.generation,
+        applied.metadata.generation
+    );
+    assert_eq!(
+        config_maps
+            .get(&meta::config_map_name("chat"))
+            .await?
+            .metadata
+            .resource_version,
+        cm_version
+    );
+    assert_eq!(
+        services.get("chat").await?.metadata.resource_version,
+        svc_version
+    );
+    second.stop().await;
+    Ok(())
+}
+
+/// The password a user pasted, which no surface a ChatService reader sees may carry.
+const PASSWORD: &str = "Hunter2Secret";
+
+/// Every status field, condition and Event of `name` as one text, to search for the password.
+async fn everything_a_reader_sees(admin: &kube::Client, ns: &str, name: &str) -> Result<String> {
+    let cs = Api::<ChatService>::namespaced(admin.clone(), ns)
+        .get(name)
+        .await?;
+    let events = Api::<Event>::namespaced(admin.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    Ok(format!(
+        "{}\n{}",
+        serde_json::to_string(&cs.status)?,
+        serde_json::to_string(&events.items)?
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_secret_value_never_reaches_status_conditions_or_events() -> Result<()> {
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-leak").await?;
+    let chat_services: Api<ChatService> = ns.api(admin.clone());
+    let quoted = format!("\"postgres://chat:{PASSWORD}@db:5432/chat\"");
+
+    // 1. Written inline: the operator's own validation names the key, not the value.
+    let mut inline = ChatService::test("inline").replicas(1).build();
+    inline.spec.database.url = Some(quoted.clone());
+    create(&admin, ns.name(), &inline).await?;
+    let (stalled, message) = wait_stalled(&chat_services, "inline", reason::INVALID_CONFIG).await?;
+    assert!(message.contains("CHATGATE_DATABASE_URL"), "{message}");
+    assert!(message.contains("remove them"), "{message}");
+    let problems = &stalled.status.as_ref().unwrap().problems;
+    assert!(
+        problems.iter().any(|p| p.key == "CHATGATE_DATABASE_URL"),
+        "{problems:?}"
+    );
+
+    // 2. From a Secret: the operator never reads the value, but the pod exits with the
+    // service's termination line, which the status and an Event repeat.
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+    wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
+    let pods: Api<Pod> = ns.api(admin.clone());
+    let pod = a_ready_pod(&pods, "chat").await?;
+    let set = chatgate_contract::config::ConfigSet::from_env_vars([
+        ("CHATGATE_ENV", "staging"),
+        ("CHATGATE_DATABASE_URL", quoted.as_str()),
+        ("CHATGATE_JWT_SECRET", JWT_SECRET),
+        ("CHATGATE_JWT_ISSUER", "https://issuer.example"),
+        ("CHATGATE_JWT_AUDIENCE", "chatgate"),
+    ]);
+    let problems = chatgate_service::config::ServiceConfig::from_set(&set)
+        .expect_err("a quoted URL is refused");
+    let line = chatgate_service::config::termination_for(&problems).to_string();
+    assert!(line.contains("CHATGATE_DATABASE_URL"), "{line}");
+    report_crash(&pods, &pod.name_any(), &line, 2).await?;
+    let (stalled, message) = wait_stalled(&chat_services, "chat", reason::STARTUP_FAILED).await?;
+    assert!(message.contains("CHATGATE_DATABASE_URL"), "{message}");
+    let failure = &stalled.status.as_ref().unwrap().startup_failures[0];
+    assert!(failure.message.contains("wrapped in quotes"), "{failure:?}");
+
+    // The Warning Events for both are recorded before the last status write is seen.
+    let events: Api<Event> = ns.api(admin.clone());
+    wait_until(TIMEOUT, "Warning Events for both ChatServices", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            let warned = |name: &str| {
+                list.items.iter().any(|e| {
+                    e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+            };
+            Ok((warned("inline") && warned("chat")).then_some(()))
+        }
+    })
+    .await?;
+    for name in ["inline", "chat"] {
+        let seen = everything_a_reader_sees(&admin, ns.name(), name).await?;
+        assert!(seen.contains("CHATGATE_DATABASE_URL"), "{seen}");
+        assert!(!seen.contains(PASSWORD), "{name}: {seen}");
     }
     op.stop().await;
     Ok(())

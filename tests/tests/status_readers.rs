@@ -10,13 +10,11 @@ use anyhow::{Context, Result};
 use chatgate_contract::Environment;
 use chatgate_operator::conditions::{self, reason};
 use chatgate_operator::crd::ChatService;
-use chatgate_operator::meta;
 use chatgate_tests::status_check::verdicts;
-use chatgate_tests::wait::pod_ready;
-use chatgate_tests::{ControlPlane, wait_for, wait_until};
+use chatgate_tests::{ControlPlane, wait_for};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use operator_support::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -112,35 +110,12 @@ async fn kstatus_and_the_argo_cd_health_check_read_every_state_right() -> Result
 
     wait_for(&api, "startup", TIMEOUT, ready_now).await?;
     let pods: Api<Pod> = ns.api(admin.clone());
-    let pod = wait_until(TIMEOUT, "a ready pod of `startup`", || {
-        let pods = pods.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels(&format!("{}=startup", meta::LABEL_INSTANCE)))
-                .await?;
-            Ok(list.items.into_iter().find(pod_ready))
-        }
-    })
-    .await?;
+    let pod = a_ready_pod(&pods, "startup").await?;
     // kwok runs no container, so the test writes what the kubelet writes after the
     // service exits with its termination message: this is the line the real binary
     // writes for a JWT public key that is not a PEM key.
     let message = "phase=auth service=jwt_verifier: CHATGATE_JWT_PUBLIC_KEY is neither a PEM key nor a readable file (not a PEM public key): No such file or directory (os error 2); set it to the PEM text or a path to it";
-    pods.patch_status(
-        &pod.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"containerStatuses": [{
-            "name": "chatgate",
-            "image": "ghcr.io/chatgate/chatgate-service:test",
-            "imageID": "",
-            "ready": false,
-            "started": false,
-            "restartCount": 3,
-            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
-            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}},
-        }]}})),
-    )
-    .await?;
+    report_crash(&pods, &pod.name_any(), message, 3).await?;
     wait_for(
         &api,
         "startup",

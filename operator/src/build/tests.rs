@@ -392,3 +392,31 @@ fn scheduling_reaches_the_pod_template_and_is_absent_by_default() {
     assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
     assert_eq!(tolerations[0].operator.as_deref(), Some("Exists"));
 }
+
+#[test]
+fn a_spec_without_resources_gets_the_default_requests_and_limits() {
+    let d = built(&default_cs());
+    let r = container(&d).resources.clone().expect("resources");
+    let q = |m: &Option<BTreeMap<String, Quantity>>, k: &str| m.as_ref().unwrap()[k].0.clone();
+    assert_eq!(
+        (q(&r.requests, "cpu"), q(&r.requests, "memory")),
+        ("100m".to_owned(), "128Mi".to_owned())
+    );
+    assert_eq!(
+        (q(&r.limits, "cpu"), q(&r.limits, "memory")),
+        ("1".to_owned(), "512Mi".to_owned())
+    );
+
+    // Named resources are used as given, nothing merged in.
+    let mut cs = default_cs();
+    cs.spec.resources = Some(ResourceRequirements {
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("2Gi".to_owned()),
+        )])),
+        ..ResourceRequirements::default()
+    });
+    let r = container(&built(&cs)).resources.clone().expect("resources");
+    assert_eq!(r.requests, None);
+    assert_eq!(q(&r.limits, "memory"), "2Gi");
+}

@@ -32,6 +32,7 @@ fn observed<'a>(v: &'a Validation, r: Option<Rollout>) -> Observed<'a> {
         startup_failures: vec![],
         applied: Some(("h".into(), 2)),
         apply_error: None,
+        not_owned: None,
     }
 }
 

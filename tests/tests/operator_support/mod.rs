@@ -14,9 +14,9 @@ use chatgate_operator::controller::system_clock;
 use chatgate_operator::crd::ChatService;
 use chatgate_operator::run::{Health, Options, run};
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_until};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -63,6 +63,11 @@ pub async fn install_crd(cp: &ControlPlane) -> Result<()> {
 /// into `ns` with `helm template | kubectl apply`, release named after the namespace
 /// so cluster-scoped names never collide between tests.
 pub fn install_chart_rbac(cp: &ControlPlane, ns: &str) -> Result<String> {
+    install_chart_rbac_with(cp, ns, &[])
+}
+
+/// As [`install_chart_rbac`], with more `--set-string` values (e.g. `watchNamespace=a\,b`).
+pub fn install_chart_rbac_with(cp: &ControlPlane, ns: &str, values: &[&str]) -> Result<String> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/chatgate-operator");
     let rendered = cp
         .helm()
@@ -75,6 +80,7 @@ pub fn install_chart_rbac(cp: &ControlPlane, ns: &str) -> Result<String> {
             "--set",
             &format!("serviceAccount.name={OPERATOR_SA}"),
         ])
+        .args(values.iter().flat_map(|v| ["--set-string", v]))
         .args([
             "--show-only",
             "templates/serviceaccount.yaml",
@@ -313,4 +319,40 @@ pub fn stalled_now(reason: &'static str) -> impl Fn(&ChatService) -> bool + Send
         condition_true_now(cs, conditions::STALLED)
             && condition(cs, conditions::STALLED).is_some_and(|c| c.reason == reason)
     }
+}
+
+/// A ready pod of ChatService `name`, from `pods` (the ChatService's namespace).
+pub async fn a_ready_pod(pods: &Api<Pod>, name: &str) -> Result<Pod> {
+    let selector = format!("{}={name}", chatgate_operator::meta::LABEL_INSTANCE);
+    Ok(wait_until(TIMEOUT, &format!("a ready pod of {name}"), || {
+        let pods = pods.clone();
+        let selector = selector.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels(&selector)).await?;
+            Ok(list.items.into_iter().find(chatgate_tests::wait::pod_ready))
+        }
+    })
+    .await?)
+}
+
+/// Writes, through the status subresource, what the kubelet writes after the service
+/// container exited with `message` as its termination message and was restarted
+/// `restarts` times (kwok runs no container, so a test plays that part).
+pub async fn report_crash(pods: &Api<Pod>, pod: &str, message: &str, restarts: i32) -> Result<()> {
+    pods.patch_status(
+        pod,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"containerStatuses": [{
+            "name": "chatgate",
+            "image": "ghcr.io/chatgate/chatgate-service:test",
+            "imageID": "",
+            "ready": false,
+            "started": false,
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}},
+        }]}})),
+    )
+    .await?;
+    Ok(())
 }
