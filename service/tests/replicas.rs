@@ -71,13 +71,22 @@ async fn assert_quiet(socket: &mut Socket, who: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_users_sockets_on_every_pod_see_each_run_event_once_and_in_order() {
     let (_pg, url) = database("fanout");
-    let a = pod(&url).await;
-    let b = pod(&url).await;
-    let (_, health, _) = b.get("/health/startup").await.expect("startup health");
-    assert!(
-        health["schema_version"].as_i64().is_some_and(|v| v >= 2),
-        "{health}"
-    );
+    // Two pods starting at once on the empty database: both migrate it and come up.
+    let mut a = ServiceBuilder::new()
+        .env("CHATGATE_DATABASE_URL", &url)
+        .spawn();
+    let mut b = ServiceBuilder::new()
+        .env("CHATGATE_DATABASE_URL", &url)
+        .spawn();
+    a.wait_started().await;
+    b.wait_started().await;
+    for pod in [&a, &b] {
+        let (_, health, _) = pod.get("/health/startup").await.expect("startup health");
+        assert!(
+            health["schema_version"].as_i64().is_some_and(|v| v >= 2),
+            "{health}"
+        );
+    }
 
     let mut sender = a.connect_as("alice").await;
     let mut same_pod = a.connect_as("alice").await;

@@ -545,7 +545,7 @@ async fn rotating_a_referenced_secret_rolls_the_pods_and_deleting_it_mid_rollout
     let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-rotate").await?;
     let secret_data = [
         ("jwt-secret", JWT_SECRET),
-        ("database-url", "sqlite::memory:"),
+        ("database-url", "postgres://chat:pw@db.invalid:5432/chat"),
     ];
     create_secret(&admin, ns.name(), "chat-secrets", &secret_data).await?;
     let cs = ChatService::test("chat")
@@ -599,7 +599,7 @@ async fn rotating_a_referenced_secret_rolls_the_pods_and_deleting_it_mid_rollout
                 "jwt-secret",
                 "a-rotated-secret-of-at-least-thirty-two-bytes",
             ),
-            ("database-url", "sqlite::memory:"),
+            ("database-url", "postgres://chat:pw@db.invalid:5432/chat"),
         ],
     )
     .await?;
