@@ -170,27 +170,37 @@ async fn run(args: Args) -> Result<()> {
         rows,
         rounds,
     };
-    let json = serde_json::to_string_pretty(&report)?;
+    publish(&args, &report, || {
+        format!(
+            "revision {}; machine: {} CPUs, {}; load average at start {}; median of {} rounds\n\n{}",
+            report.settings.revision,
+            report.machine.cpus,
+            report.machine.cpu_model,
+            report.machine.load_average_at_start,
+            report.settings.rounds,
+            report::render_table(&report),
+        )
+    })
+}
+
+/// Writes the report to `--json-out`, and prints it as JSON (`--json`) or as `table`.
+fn publish(
+    args: &Args,
+    report: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
     if let Some(path) = &args.json_out {
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         println!("{json}");
     } else {
-        println!(
-            "revision {}; machine: {} CPUs, {}; load average at start {}; median of {} rounds\n",
-            report.settings.revision,
-            report.machine.cpus,
-            report.machine.cpu_model,
-            report.machine.load_average_at_start,
-            report.settings.rounds,
-        );
-        println!("{}", report::render_table(&report));
+        println!("{}", table());
     }
     Ok(())
 }
 
-/// The three servers, in column order; `None` when its program was not given.
 async fn run_replicas(args: &Args) -> Result<()> {
     let service = args
         .service_bin
@@ -204,19 +214,16 @@ async fn run_replicas(args: &Args) -> Result<()> {
     };
     let mint = TokenMint::new(&args.jwt_secret);
     let report = replicas::run(service, &args.jwt_secret, &settings, &mint).await?;
-    let json = serde_json::to_string_pretty(&report)?;
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        println!("revision {}\n", args.revision);
-        println!("{}", replicas::render(&report));
-    }
-    Ok(())
+    publish(args, &report, || {
+        format!(
+            "revision {}\n\n{}",
+            args.revision,
+            replicas::render(&report)
+        )
+    })
 }
 
+/// The three servers, in column order; `None` when its program was not given.
 fn specs(args: &Args) -> Vec<(&'static str, Option<TargetSpec>)> {
     let service = args.service_bin.as_ref().map(|program| {
         let mut env: Vec<(String, String)> = [

@@ -329,37 +329,30 @@ fn permanent(phase: StartupPhase, cause: String) -> StartupFailure {
     }
 }
 
-/// Connects the thread store, retrying transient failures with capped exponential
-/// backoff. The caller's deadline ends the wait.
+/// How one attempt of the storage phase failed.
+enum Attempt {
+    /// Waiting can help (the database is starting, unreachable for now).
+    Wait(String),
+    /// Only a configuration change can help.
+    Fail(String),
+}
+
+/// Connects the thread store, retrying transient failures.
 async fn connect_store(
     url: &str,
     timer: &PhaseTimer<'_>,
     deadline: Instant,
 ) -> Result<ThreadStore, StartupFailure> {
-    const PHASE: StartupPhase = StartupPhase::Storage;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        // One attempt may not take the whole budget: a black-holed host would
-        // otherwise hide every retry from /health/startup.
-        let attempt_limit = deadline
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_secs(10));
-        let error = match tokio::time::timeout(attempt_limit, ThreadStore::connect(url)).await {
-            Ok(Ok(store)) => return Ok(store),
-            Ok(Err(e)) if e.is_transient() => e.to_string(),
-            Ok(Err(e)) => return Err(permanent(PHASE, e.to_string())),
-            Err(_) => format!(
-                "the thread store did not answer within {}s",
-                attempt_limit.as_secs()
-            ),
-        };
-        warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "thread store not reachable yet; retrying");
-        timer.progress.retrying(PHASE, error);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-        timer.progress.again(PHASE);
-        timer.metrics.phase_attempt(PHASE);
-    }
+    retry_storage(timer, deadline, || async {
+        ThreadStore::connect(url).await.map_err(|e| {
+            if e.is_transient() {
+                Attempt::Wait(e.to_string())
+            } else {
+                Attempt::Fail(e.to_string())
+            }
+        })
+    })
+    .await
 }
 
 /// Joins the other pods through a PostgreSQL store (its heartbeat, its listener for
@@ -369,28 +362,49 @@ async fn join_replicas(
     timer: &PhaseTimer<'_>,
     deadline: Instant,
 ) -> Result<Replicas, StartupFailure> {
-    const PHASE: StartupPhase = StartupPhase::Storage;
     let Some(pool) = store.postgres_pool() else {
         return Ok(Replicas::single());
     };
+    retry_storage(timer, deadline, || async {
+        Replicas::join(pool.clone()).await.map_err(|e| {
+            Attempt::Wait(format!(
+                "the thread store at {} does not let this pod join the others (events, limits): {e}",
+                store.target()
+            ))
+        })
+    })
+    .await
+}
+
+/// Runs a storage-phase step until it succeeds, fails for good, or the deadline ends
+/// the wait, with capped exponential backoff; every retry shows on `/health/startup`.
+async fn retry_storage<T, F, Fut>(
+    timer: &PhaseTimer<'_>,
+    deadline: Instant,
+    mut attempt: F,
+) -> Result<T, StartupFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    const PHASE: StartupPhase = StartupPhase::Storage;
     let mut backoff = Duration::from_millis(100);
     loop {
+        // One attempt may not take the whole budget: a black-holed host would
+        // otherwise hide every retry from /health/startup.
         let attempt_limit = deadline
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(10));
-        let error = match tokio::time::timeout(attempt_limit, Replicas::join(pool.clone())).await {
-            Ok(Ok(replicas)) => return Ok(replicas),
-            Ok(Err(e)) => format!(
-                "the thread store at {} does not let this pod join the others (events, limits): {e}",
-                store.target()
-            ),
+        let error = match tokio::time::timeout(attempt_limit, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(Attempt::Wait(error))) => error,
+            Ok(Err(Attempt::Fail(error))) => return Err(permanent(PHASE, error)),
             Err(_) => format!(
-                "the thread store at {} did not answer within {}s",
-                store.target(),
+                "the thread store did not answer within {}s",
                 attempt_limit.as_secs()
             ),
         };
-        warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "cannot join the other replicas yet; retrying");
+        warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "the thread store is not usable yet; retrying");
         timer.progress.retrying(PHASE, error);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

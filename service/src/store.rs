@@ -959,14 +959,14 @@ impl ThreadStore {
             });
         };
         let mut page = Page::default();
-        let mut bytes = 0;
+        let mut bytes: usize = 0;
         let mut oldest = None;
         for (message_id, role, content, created_at, seq) in rows {
             // Content is escaped on the wire; counting it twice over-estimates
             // rather than risking a frame over the client's limit.
             let size = ENTRY_OVERHEAD_BYTES + message_id.len() + content.len() * 2;
             if page.items.len() == limit.items as usize
-                || (!page.items.is_empty() && bytes + size > limit.bytes)
+                || (!page.items.is_empty() && bytes.saturating_add(size) > limit.bytes)
             {
                 page.next_cursor = oldest.map(|seq: i64| seq.to_string());
                 break;
@@ -1005,66 +1005,18 @@ impl ThreadStore {
         self.messages(user, thread_id, Some(limit)).await
     }
 
+    /// The newest `limit` messages (all without one), oldest first: one unbounded page.
     async fn messages(
         &self,
         user: &str,
         thread_id: &str,
         limit: Option<u32>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let limit = limit.map_or(i64::MAX, i64::from);
-        let result = with_pool!(self, |pool| {
-            async {
-                let exists =
-                    sqlx::query("SELECT 1 FROM threads WHERE thread_id = $1 AND user_id = $2")
-                        .bind(thread_id)
-                        .bind(user)
-                        .fetch_optional(pool)
-                        .await?
-                        .is_some();
-                if !exists {
-                    return Ok(None);
-                }
-                // Newest `limit` first, reversed below: the index on (thread_id, seq)
-                // serves both the full read and the tail.
-                let rows = sqlx::query(
-                    "SELECT message_id, role, content, created_at FROM messages \
-                     WHERE thread_id = $1 AND user_id = $2 ORDER BY seq DESC LIMIT $3",
-                )
-                .bind(thread_id)
-                .bind(user)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?;
-                let rows = rows
-                    .iter()
-                    .map(|row| {
-                        Ok((
-                            row.try_get::<String, _>("message_id")?,
-                            row.try_get::<String, _>("role")?,
-                            row.try_get::<String, _>("content")?,
-                            row.try_get::<i64, _>("created_at")?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?;
-                Ok::<_, sqlx::Error>(Some(rows))
-            }
-            .await
-        });
-        let Some(rows) = result.map_err(|e| self.error(e))? else {
-            return Err(StoreError::NotFound {
-                thread_id: thread_id.to_owned(),
-            });
+        let whole = PageLimit {
+            items: limit.unwrap_or(u32::MAX),
+            bytes: usize::MAX,
         };
-        let mut messages = Vec::with_capacity(rows.len());
-        for (message_id, role, content, created_at) in rows.into_iter().rev() {
-            messages.push(StoredMessage {
-                message_id,
-                role: Role::parse(&role)?,
-                content,
-                created_at: format_micros(created_at),
-            });
-        }
-        Ok(messages)
+        Ok(self.thread_page(user, thread_id, whole, None).await?.items)
     }
 
     fn error(&self, e: sqlx::Error) -> StoreError {
