@@ -609,8 +609,6 @@ struct Inner {
     page_bytes: usize,
     /// The other pods of this service (or just this process, with SQLite).
     replicas: Replicas,
-    /// The run rate limit, applied across pods when the replicas share a database.
-    runs_per_minute: u32,
 }
 
 /// Bytes of JSON a page holds unless [`AgentSupervisor::with_page_bytes`] says
@@ -682,7 +680,6 @@ impl AgentSupervisor {
                 slow_client_grace: DEFAULT_SLOW_CLIENT_GRACE,
                 page_bytes: DEFAULT_PAGE_BYTES,
                 replicas: Replicas::single(),
-                runs_per_minute,
             }),
         }
     }
@@ -702,10 +699,6 @@ impl AgentSupervisor {
     /// limit counts the user's runs on all of them.
     pub fn with_replicas(mut self, replicas: Replicas) -> AgentSupervisor {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            if replicas.is_shared() && inner.runs_per_minute > 0 {
-                // The shared allowance replaces this process's own.
-                inner.limiter = None;
-            }
             inner.replicas = replicas.clone();
         }
         let supervisor = Arc::downgrade(&self.inner);
@@ -724,6 +717,19 @@ impl AgentSupervisor {
             inner.page_bytes = bytes;
         }
         self
+    }
+
+    /// The run rate limit (`0`: none).
+    fn runs_per_minute(&self) -> u32 {
+        self.inner.limiter.map_or(0, |l| l.runs_per_minute)
+    }
+
+    /// The limiter this process applies itself: none when the replicas share the
+    /// user's allowance in the database instead.
+    fn local_limiter(&self) -> Option<RateLimit> {
+        self.inner
+            .limiter
+            .filter(|_| !self.inner.replicas.is_shared())
     }
 
     fn page_limit(&self, items: Option<u32>) -> PageLimit {
@@ -963,7 +969,7 @@ impl AgentSupervisor {
             shared_allowance: false,
             recorded: false,
         };
-        let runs_per_minute = self.inner.runs_per_minute;
+        let runs_per_minute = self.runs_per_minute();
         if self.inner.replicas.is_shared() && runs_per_minute > 0 {
             match self.inner.replicas.take_run(user_id, runs_per_minute).await {
                 Ok(None) => registration.shared_allowance = true,
@@ -1114,7 +1120,7 @@ impl AgentSupervisor {
                 run_id: run.run_id.clone(),
             };
         }
-        if let Some(limit) = self.inner.limiter {
+        if let Some(limit) = self.local_limiter() {
             let tat = user.tat.map_or(now, |t| t.max(now));
             let next = tat + limit.interval;
             if next.duration_since(now) > WINDOW {
@@ -1143,7 +1149,7 @@ impl AgentSupervisor {
             return;
         };
         user.runs.retain(|r| &*r.run_id != run_id);
-        if refund && let (Some(limit), Some(tat)) = (self.inner.limiter, user.tat) {
+        if refund && let (Some(limit), Some(tat)) = (self.local_limiter(), user.tat) {
             // A message that never ran (missing thread, replay, store failure) does
             // not use up the user's allowance.
             user.tat = tat.checked_sub(limit.interval).filter(|t| *t > now);
@@ -1183,7 +1189,7 @@ impl Drop for Registration {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let replicas = self.supervisor.inner.replicas.clone();
-            let runs_per_minute = self.supervisor.inner.runs_per_minute;
+            let runs_per_minute = self.supervisor.runs_per_minute();
             let (user_id, run_id, recorded) =
                 (self.user_id.clone(), self.run_id.clone(), self.recorded);
             runtime.spawn(async move {

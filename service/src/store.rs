@@ -60,7 +60,7 @@ pub const DATABASE_URL_KEY: &str = "CHATGATE_DATABASE_URL";
 
 /// `list_threads` answers at most this many threads (the most recently updated), so
 /// one `threads` frame stays well under any message size limit.
-pub const LIST_THREADS_LIMIT: i64 = 500;
+pub const LIST_THREADS_LIMIT: u32 = 500;
 
 /// Longest title `create_thread` keeps, in characters; longer titles are cut.
 pub const MAX_TITLE_CHARS: usize = 80;
@@ -808,30 +808,14 @@ impl ThreadStore {
         result.map_err(|e| self.error(e))
     }
 
-    /// This user's threads, most recently updated first (at most [`LIST_THREADS_LIMIT`]).
+    /// This user's threads, most recently updated first (at most [`LIST_THREADS_LIMIT`]):
+    /// the first page of [`threads_page`](Self::threads_page), unbounded in bytes.
     pub async fn list_threads(&self, user: &str) -> Result<Vec<ThreadSummary>, StoreError> {
-        let result = with_pool!(self, |pool| {
-            sqlx::query(
-                "SELECT thread_id, title, updated_at FROM threads WHERE user_id = $1 \
-                 ORDER BY updated_at DESC, thread_id LIMIT $2",
-            )
-            .bind(user)
-            .bind(LIST_THREADS_LIMIT)
-            .fetch_all(pool)
-            .await
-            .and_then(|rows| {
-                rows.iter()
-                    .map(|row| {
-                        Ok(ThreadSummary {
-                            thread_id: row.try_get("thread_id")?,
-                            title: row.try_get("title")?,
-                            updated_at: format_micros(row.try_get("updated_at")?),
-                        })
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-            })
-        });
-        result.map_err(|e| self.error(e))
+        let first = PageLimit {
+            items: LIST_THREADS_LIMIT,
+            bytes: usize::MAX,
+        };
+        Ok(self.threads_page(user, first, None).await?.items)
     }
 
     /// One page of this user's threads, most recently updated first: at most
@@ -875,12 +859,12 @@ impl ThreadStore {
         });
         let rows = result.map_err(|e| self.error(e))?;
         let mut page = Page::default();
-        let mut bytes = 0;
+        let mut bytes: usize = 0;
         let mut last = None;
         for (thread_id, title, updated_at) in rows {
             let size = ENTRY_OVERHEAD_BYTES + thread_id.len() + title.len();
             if page.items.len() == limit.items as usize
-                || (!page.items.is_empty() && bytes + size > limit.bytes)
+                || (!page.items.is_empty() && bytes.saturating_add(size) > limit.bytes)
             {
                 page.next_cursor = last.map(|c: ThreadCursor| c.to_string());
                 break;

@@ -350,7 +350,12 @@ async fn a_database_outage_makes_the_pod_unready_not_dead_and_it_recovers() {
         ready, 503,
         "unready at the first probe after the database went away"
     );
-    assert!(stopped.elapsed() < Duration::from_secs(3));
+    // Within one probe period: the operator's readiness probe runs every 5 s.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        stopped.elapsed()
+    );
     let (live, _, _) = a.get("/health/live").await.expect("live answers");
     assert_eq!(
         live, 200,
