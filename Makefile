@@ -25,20 +25,22 @@ postgres: ## find (or install) PostgreSQL's server binaries for the tests
 status-check: ## build chatgate-status (kstatus + Argo CD's Lua runner) into the cache
 	hack/status-check.sh >/dev/null
 
-run: k8s-bins ## local control plane (or current cluster) + operator + sample + chat service
+run: k8s-bins postgres ## the local platform (or current cluster) + operator + a sample ChatService whose pods run for real
 	hack/run.sh
 
-cluster: k8s-bins ## start a local control plane and print its KUBECONFIG (Ctrl-C stops it)
-	$(CARGO) run --quiet --release -p chatgate-tests --bin chatgate-cluster
+cluster: k8s-bins postgres ## the local platform: control plane, a node running pods as processes, PostgreSQL (Ctrl-C stops it)
+	$(CARGO) build --quiet --release -p chatgate-service -p chatgate-operator -p chatgate-tests --bins
+	target/release/chatgate-cluster --nodes 0 --run-pods --postgres
 
-test: k8s-bins status-check postgres lint ## all tests: unit, service, real control plane, CLI
+test: k8s-bins status-check postgres lint ## all tests: unit, service, real control plane, CLI, the rollout proof
 	$(CARGO) test --workspace --no-fail-fast
+	@cat target/e2e/rollout.md
 
 unit-test: ## tests that need no control plane (fast)
 	$(CARGO) test --workspace --lib --bins
 
-e2e: k8s-bins status-check ## only the real-control-plane tests
-	$(CARGO) test -p chatgate-tests
+e2e: k8s-bins postgres ## the rollout proof: a client fleet through good, broken, slow and drifting rollouts, one table each
+	CHATGATE_TEST_IMAGES=release $(CARGO) test --workspace --test rollout -- --nocapture
 
 FUZZ_SECONDS ?= 60
 fuzz: ## every fuzz target for FUZZ_SECONDS each (nightly; installs cargo-fuzz if absent)

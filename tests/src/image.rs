@@ -79,24 +79,33 @@ impl Images {
         SHARED
             .get_or_init(|| async {
                 let out = workspace_root().join("target/images");
-                tokio::task::spawn_blocking(move || Images::build(&out))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| format!("{e:#}")))
+                tokio::task::spawn_blocking(move || {
+                    Images::build(&out, test_binaries()?.as_deref())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("{e:#}")))
             })
             .await
             .as_ref()
             .map_err(|e| anyhow!("building the images: {e}"))
     }
 
-    /// Runs `hack/image.sh OUT` and reads the digests it prints.
-    pub fn build(out: &Path) -> Result<Images> {
+    /// Runs `hack/image.sh OUT` and reads the digests it prints: with `binaries`,
+    /// it packs the binaries found there; without, it builds release ones.
+    pub fn build(out: &Path, binaries: Option<&Path>) -> Result<Images> {
         let root = workspace_root();
         crate::progress(&format!(
-            "building the images into {} (hack/image.sh; the first run builds the release binaries and the image tools)",
-            out.display()
+            "building the images into {} (hack/image.sh, from {}; the first run also builds the image tools)",
+            out.display(),
+            binaries.map_or("a release build".to_owned(), |b| b.display().to_string()),
         ));
-        let output = Command::new(root.join("hack/image.sh"))
+        let mut command = Command::new(root.join("hack/image.sh"));
+        match binaries {
+            Some(dir) => command.env("CHATGATE_IMAGE_FROM", dir),
+            None => command.env_remove("CHATGATE_IMAGE_FROM"),
+        };
+        let output = command
             .arg(out)
             .current_dir(&root)
             .stderr(std::process::Stdio::inherit())
@@ -140,6 +149,31 @@ impl Images {
                 || reference.strip_prefix(&format!("{repo}:")) == Some(REVISION)
         })
     }
+}
+
+/// Where the tests' images take their binaries from: the debug binaries `cargo
+/// test --workspace` builds (built first, a no-op when it just did), so a test
+/// run compiles the workspace once; `None` — a release build, as `make image`
+/// does — when `CHATGATE_TEST_IMAGES=release`.
+pub fn test_binaries() -> Result<Option<PathBuf>> {
+    if std::env::var("CHATGATE_TEST_IMAGES").as_deref() == Ok("release") {
+        return Ok(None);
+    }
+    let root = workspace_root();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        // `cargo test`'s own build (dev-dependencies' features included), so these
+        // are the very binaries the test run built, not a second feature set.
+        .args(["test", "--quiet", "--workspace", "--no-run"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo test --workspace --no-run for the images")?;
+    if !status.success() {
+        bail!("cargo test --workspace --no-run failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(Some(target.join("debug")))
 }
 
 /// The git revision the test binary was built from, which `hack/image.sh` also

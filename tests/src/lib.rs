@@ -16,14 +16,18 @@
 
 pub mod bins;
 pub mod control_plane;
+pub mod fleet;
 pub mod image;
 pub mod local;
 pub mod namespace;
 pub mod node_agent;
 pub mod pki;
+pub mod pod_network;
 pub mod postgres;
 pub mod process;
+pub mod router;
 pub mod status_check;
+pub mod tokens;
 pub mod wait;
 
 pub use bins::K8S_VERSION;

@@ -25,9 +25,10 @@
 //!    (`emptyDir`, `configMap`, `secret`, and the projected service-account token
 //!    from the TokenRequest API with the cluster CA and namespace at the standard
 //!    path). `KUBERNETES_SERVICE_HOST`/`PORT` point at the loopback API server.
-//!    Every Pod shares the host's network: the service image is told to listen on
-//!    a free loopback port (`CHATGATE_LISTEN`) and its probes go there; any other
-//!    image listens on its declared container ports, which must then be free.
+//!    The service image is told to listen on its Pod IP's loopback twin and its
+//!    declared port (`CHATGATE_LISTEN`, see [`crate::pod_network`]), and its probes
+//!    go there; any other image shares the host's network and listens on its
+//!    declared container ports on 127.0.0.1, which must then be free.
 //! 3. Probes follow the kubelet's rules (startup first; then readiness and
 //!    liveness; thresholds and periods from the Pod). A container that exits, or
 //!    fails its startup or liveness probe, is restarted with a back-off; its
@@ -36,14 +37,13 @@
 //!    sleep, and is then removed, as a kubelet does.
 //!
 //! Where it differs from a kubelet, on purpose: the crash back-off starts at 1 s and
-//! stops growing at 8 s (tests should not wait minutes), Pod IPs are made-up
-//! addresses written to the status only, and there is no network namespace per Pod
+//! stops growing at 8 s (tests should not wait minutes), a Pod IP is reached at its
+//! loopback twin rather than routed, and there is no network namespace per Pod
 //! (see above). Nothing here dials a Pod or cluster IP.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,7 @@ use tokio::sync::watch;
 
 use crate::control_plane::ControlPlane;
 use crate::image::{Bundle, ContainerSpec, Image, Images, Mount, MountSource, unpack};
+use crate::pod_network;
 use crate::process::{ManagedProcess, free_loopback_ports, tail};
 
 /// The taint that keeps ordinary Pods off an agent node.
@@ -88,12 +89,20 @@ const FALLBACK_LOG_BYTES: usize = 2048;
 #[derive(Clone, Debug)]
 pub struct AgentNode {
     pub name: String,
+    /// Whether the node carries [`AGENT_NODE_TAINT_KEY`] (tests, next to kwok's
+    /// nodes) or takes any Pod (the local platform, where it is the only node).
+    pub tainted: bool,
 }
 
 impl AgentNode {
-    /// The Node object to create for the agent: no kwok annotation, tainted so
-    /// only tolerating Pods are scheduled to it.
+    /// The Node object to create for the agent: no kwok annotation and, when
+    /// tainted, only tolerating Pods are scheduled to it.
     pub fn node(&self) -> Node {
+        let taints = if self.tainted {
+            json!([{ "key": AGENT_NODE_TAINT_KEY, "value": "true", "effect": "NoSchedule" }])
+        } else {
+            json!([])
+        };
         serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -105,9 +114,7 @@ impl AgentNode {
                     "kubernetes.io/os": "linux",
                 },
             },
-            "spec": {
-                "taints": [{ "key": AGENT_NODE_TAINT_KEY, "value": "true", "effect": "NoSchedule" }],
-            },
+            "spec": { "taints": taints },
         }))
         .expect("a valid Node")
     }
@@ -148,8 +155,24 @@ impl Drop for NodeAgent {
 }
 
 impl NodeAgent {
-    /// Registers node `name` and starts serving the Pods bound to it from `images`.
+    /// Registers tainted node `name` (only Pods that tolerate it land there) and
+    /// starts serving the Pods bound to it from `images`.
     pub async fn start(cp: &ControlPlane, name: &str, images: Images) -> Result<NodeAgent> {
+        Self::start_node(cp, name, true, images).await
+    }
+
+    /// Registers node `name` with no taint, so any Pod may land there: the local
+    /// platform's node, where every Pod runs as a real process.
+    pub async fn start_open(cp: &ControlPlane, name: &str, images: Images) -> Result<NodeAgent> {
+        Self::start_node(cp, name, false, images).await
+    }
+
+    async fn start_node(
+        cp: &ControlPlane,
+        name: &str,
+        tainted: bool,
+        images: Images,
+    ) -> Result<NodeAgent> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("node-agent-{name}"))
@@ -158,6 +181,7 @@ impl NodeAgent {
             .context("starting the node agent's runtime")?;
         let node = AgentNode {
             name: name.to_owned(),
+            tainted,
         };
         let workdir = cp.dir().join(format!("node-agent-{name}"));
         std::fs::create_dir_all(&workdir)
@@ -191,7 +215,6 @@ impl NodeAgent {
                     api_port,
                     workdir,
                     records,
-                    next_ip: Arc::new(AtomicU32::new(0)),
                 };
                 tokio::spawn(kubelet.serve());
                 anyhow::Ok(())
@@ -302,7 +325,6 @@ struct Kubelet {
     api_port: u16,
     workdir: PathBuf,
     records: Records,
-    next_ip: Arc<AtomicU32>,
 }
 
 impl Kubelet {
@@ -340,14 +362,13 @@ impl Kubelet {
             }
             let (stop_tx, stop_rx) = watch::channel(false);
             runners.insert(uid, stop_tx);
-            let n = self.next_ip.fetch_add(1, Ordering::Relaxed);
-            let ip = format!("10.250.{}.{}", n / 250, n % 250 + 2);
+            let ip = pod_network::allocate();
             tokio::spawn(self.clone().run_pod(pod, ip, stop_rx));
         }
     }
 
     /// Runs one Pod's container until the Pod is deleted, restarting it as needed.
-    async fn run_pod(self, pod: Pod, ip: String, mut stop: watch::Receiver<bool>) {
+    async fn run_pod(self, pod: Pod, ip: Ipv4Addr, mut stop: watch::Receiver<bool>) {
         let mut runner = PodRunner::new(&self, pod, ip);
         let mut backoff = BACKOFF_START;
         loop {
@@ -420,7 +441,7 @@ struct PodRunner {
     pod_spec: PodSpec,
     spec_container: Container,
     grace: Duration,
-    ip: String,
+    ip: Ipv4Addr,
     start_time: Time,
     restarts: i32,
     /// Failed pulls of the image so far.
@@ -433,7 +454,7 @@ struct PodRunner {
 }
 
 impl PodRunner {
-    fn new(kubelet: &Kubelet, pod: Pod, ip: String) -> PodRunner {
+    fn new(kubelet: &Kubelet, pod: Pod, ip: Ipv4Addr) -> PodRunner {
         let namespace = pod.namespace().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let grace = Duration::from_secs(
@@ -519,15 +540,30 @@ impl PodRunner {
         };
         let termination_log = dir.join("termination-log");
         let log = dir.join("container.log");
-        let port = match free_loopback_ports(1) {
-            Ok(ports) => ports[0],
-            Err(e) => {
-                eprintln!("node agent: no free loopback port: {e:#}");
-                return Ending::ConfigError;
-            }
+        // The service listens on the Pod IP's loopback twin at its declared port;
+        // any other image on the host's loopback at its declared ports.
+        let told = listens_where_told(&image);
+        let address = if told {
+            let twin = pod_network::loopback(IpAddr::V4(self.ip)).unwrap_or(Ipv4Addr::LOCALHOST);
+            SocketAddr::from((
+                twin,
+                first_port(&self.spec_container).unwrap_or(SERVICE_PORT),
+            ))
+        } else {
+            let port = match first_port(&self.spec_container) {
+                Some(port) => port,
+                None => match free_loopback_ports(1) {
+                    Ok(ports) => ports[0],
+                    Err(e) => {
+                        eprintln!("node agent: no free loopback port: {e:#}");
+                        return Ending::ConfigError;
+                    }
+                },
+            };
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port))
         };
         let spec = match self
-            .container_spec(kubelet, &image, &bundle, &termination_log, port)
+            .container_spec(kubelet, &bundle, &termination_log, told.then_some(address))
             .await
         {
             Ok(spec) => spec,
@@ -549,13 +585,6 @@ impl PodRunner {
                 return Ending::ConfigError;
             }
         }
-        // The service image listens where it is told; any other image on its
-        // declared ports.
-        let remapped = listens_where_told(&image).then_some(port);
-        let address = SocketAddr::from((
-            [127, 0, 0, 1],
-            remapped.unwrap_or_else(|| first_port(&self.spec_container).unwrap_or(port)),
-        ));
         kubelet.record(&self.key, |r| {
             r.address = Some(address);
             r.log = Some(log.clone());
@@ -565,7 +594,7 @@ impl PodRunner {
         self.write_status(running.clone(), false, false).await;
 
         let c = &self.spec_container;
-        let probe = |p: &Option<Probe>| p.clone().map(|p| ProbeState::new(p, c, remapped));
+        let probe = |p: &Option<Probe>| p.clone().map(|p| ProbeState::new(p, c, address, told));
         let mut startup = probe(&c.startup_probe);
         let mut readiness = probe(&c.readiness_probe);
         let mut liveness = probe(&c.liveness_probe);
@@ -640,16 +669,16 @@ impl PodRunner {
         }
     }
 
-    /// The container as the Pod specifies it, on `image`: command and arguments,
-    /// environment, user, root filesystem mode and volumes. An error is what the
-    /// kubelet would report as `CreateContainerConfigError`.
+    /// The container as the Pod specifies it, on the image unpacked in `bundle`:
+    /// command and arguments, environment (with `CHATGATE_LISTEN` when `listen` is
+    /// given), user, root filesystem mode and volumes. An error is what the kubelet
+    /// would report as `CreateContainerConfigError`.
     async fn container_spec(
         &self,
         kubelet: &Kubelet,
-        image: &Image,
         bundle: &Bundle,
         termination_log: &Path,
-        port: u16,
+        listen: Option<SocketAddr>,
     ) -> Result<ContainerSpec, String> {
         let container = &self.spec_container;
         let mut spec = ContainerSpec::from_image(bundle);
@@ -690,9 +719,9 @@ impl PodRunner {
             "KUBERNETES_SERVICE_PORT".into(),
             kubelet.api_port.to_string(),
         );
-        if listens_where_told(image) {
+        if let Some(listen) = listen {
             spec.env
-                .insert("CHATGATE_LISTEN".into(), format!("127.0.0.1:{port}"));
+                .insert("CHATGATE_LISTEN".into(), listen.to_string());
         }
         let pod_security = self.pod_spec.security_context.as_ref();
         let security = container.security_context.as_ref();
@@ -1060,8 +1089,12 @@ impl FieldContext<'_> {
     }
 }
 
+/// The port the service image declares (`EXPOSE 8080/tcp`), for a container that
+/// names none.
+const SERVICE_PORT: u16 = 8080;
+
 /// Whether the image takes its listen address from `CHATGATE_LISTEN` (the
-/// service), so the agent can give each of its containers a port of its own.
+/// service), so the agent can give each of its containers an address of its own.
 fn listens_where_told(image: &Image) -> bool {
     image.name == "chatgate-service"
 }
@@ -1230,8 +1263,8 @@ async fn materialize_volume(
 /// One probe's schedule and consecutive results.
 struct ProbeState {
     probe: Probe,
-    /// The loopback port the probe's `httpGet.port` maps to.
-    port: u16,
+    /// The loopback address the probe's `httpGet` goes to.
+    address: SocketAddr,
     next: Option<Instant>,
     failures: i32,
 }
@@ -1245,15 +1278,16 @@ enum Verdict {
 }
 
 impl ProbeState {
-    /// A probe of `container`; `remapped` is the port a container that was told
-    /// where to listen listens on, which every port of it maps to.
-    fn new(probe: Probe, container: &Container, remapped: Option<u16>) -> ProbeState {
+    /// A probe of `container`, which listens at `address`; when it was `told`
+    /// where to listen, every port of it maps to that address.
+    fn new(probe: Probe, container: &Container, address: SocketAddr, told: bool) -> ProbeState {
         let declared = probe
             .http_get
             .as_ref()
             .and_then(|get| container_port(container, &get.port));
+        let port = if told { Some(address.port()) } else { declared };
         ProbeState {
-            port: remapped.or(declared).unwrap_or_default(),
+            address: SocketAddr::new(address.ip(), port.unwrap_or_default()),
             probe,
             next: None,
             failures: 0,
@@ -1276,19 +1310,19 @@ impl ProbeState {
     }
 
     async fn run(&mut self) -> Verdict {
-        let port = self.port;
+        let address = self.address;
         let Some(get) = &self.probe.http_get else {
             return Verdict::Passed; // only HTTP probes are run; others pass
         };
         let path = get.path.clone().unwrap_or_else(|| "/".into());
         let timeout = Duration::from_secs(self.probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        let result = tokio::time::timeout(timeout, http_status(port, &path)).await;
+        let result = tokio::time::timeout(timeout, http_status(address, &path)).await;
         let outcome = match result {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
             Ok(Ok(code)) => Err(format!("HTTP probe failed with statuscode: {code}")),
-            Ok(Err(e)) => Err(format!("Get \"http://127.0.0.1:{port}{path}\": {e}")),
+            Ok(Err(e)) => Err(format!("Get \"http://{address}{path}\": {e}")),
             Err(_) => Err(format!(
-                "Get \"http://127.0.0.1:{port}{path}\": timeout after {timeout:?}"
+                "Get \"http://{address}{path}\": timeout after {timeout:?}"
             )),
         };
         match outcome {
@@ -1308,11 +1342,11 @@ impl ProbeState {
     }
 }
 
-/// `GET path` on `127.0.0.1:port`; the response's status code.
-pub async fn http_status(port: u16, path: &str) -> std::io::Result<u16> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+/// `GET path` on `address` (a loopback address); the response's status code.
+pub async fn http_status(address: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-probe/chatgate-node-agent\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kube-probe/chatgate-node-agent\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut head = vec![0u8; 64];

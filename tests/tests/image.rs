@@ -58,7 +58,7 @@ impl Running {
                     self.process.log_tail(40)
                 );
             }
-            if let Ok(200) = http_status(self.address.port(), "/health/startup").await {
+            if let Ok(200) = http_status(self.address, "/health/startup").await {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -204,7 +204,13 @@ fn commit_time() -> Result<String> {
 async fn two_builds_of_one_commit_give_the_same_digests() -> Result<()> {
     let first = images().await;
     let again_dir = workspace_root().join("target/images-rebuild");
-    let again = tokio::task::spawn_blocking(move || Images::build(&again_dir)).await??;
+    let again = tokio::task::spawn_blocking(move || {
+        Images::build(
+            &again_dir,
+            chatgate_tests::image::test_binaries()?.as_deref(),
+        )
+    })
+    .await??;
     for (a, b) in [
         (&first.service, &again.service),
         (&first.operator, &again.operator),
@@ -469,7 +475,11 @@ async fn start_registry(tools: &Path) -> Result<Registry> {
     command.arg("serve").arg(&config);
     let process = ManagedProcess::spawn("registry", command, &dir.path().join("registry.log"))?;
     let deadline = Instant::now() + TIMEOUT;
-    while http_status(port, "/v2/").await.ok() != Some(200) {
+    while http_status(SocketAddr::from(([127, 0, 0, 1], port)), "/v2/")
+        .await
+        .ok()
+        != Some(200)
+    {
         if Instant::now() > deadline {
             bail!("the registry did not answer /v2/\n{}", process.log_tail(40));
         }
