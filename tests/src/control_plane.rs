@@ -520,9 +520,9 @@ impl Starting {
             arg("cluster-signing-key-file", &ca_key),
             // Its client's default rate limit (20 requests/s, bursts of 30) is sized
             // for sharing a production API server; here it is the only heavy client of
-            // a test one, and at 500 Deployments at once that limit alone held every
-            // Deployment's status back by over a minute (`make bench-operator`), so
-            // the benchmark measured the simulated cluster instead of the operator.
+            // a test one, and at 500 Deployments at once that limit alone held each
+            // Deployment's status back by up to 52 s (`make bench-operator`), so the
+            // benchmark measured the simulated cluster instead of the operator.
             arg("kube-api-qps", &KCM_API_QPS.to_string()),
             arg("kube-api-burst", &KCM_API_BURST.to_string()),
         ]);
