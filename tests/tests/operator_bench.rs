@@ -26,6 +26,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
+use operator_support::status_log::{Side, StatusLog, lags, quantile};
 use operator_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

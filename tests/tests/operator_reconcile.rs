@@ -25,6 +25,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use operator_support::status_log::{Side, StatusLog, signed_seconds};
 use operator_support::*;
 use serde_json::json;
 

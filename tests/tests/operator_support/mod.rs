@@ -22,8 +22,7 @@ use kube::{Client, CustomResourceExt, ResourceExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-mod status_log;
-pub use status_log::*;
+pub mod status_log;
 
 /// Long enough for a rollout on two busy cores, short enough to fail usefully.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
