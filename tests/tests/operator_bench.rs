@@ -2,9 +2,11 @@
 //! the real control plane, with the release operator binary as a separate process.
 //!
 //! Reports: time until every ChatService has `status.observedGeneration ==
-//! metadata.generation` and its Deployment, Service and ConfigMap exist; the
-//! operator's peak RSS (`VmHWM`); and write requests the API server served during a
-//! full no-op resync. Run with `make bench-operator`, i.e.
+//! metadata.generation` and its Deployment, Service and ConfigMap exist; where the
+//! time to `Ready` goes (every Deployment created, every Deployment rolled out by its
+//! own status, every ChatService Ready, and per ChatService the operator's lag from
+//! its Deployment rolling out to its `Ready`); the operator's peak RSS (`VmHWM`); and
+//! write requests the API server served during a full no-op resync. Run with `make bench-operator`, i.e.
 //! `cargo build --release -p chatgate-operator && cargo test --release -p chatgate-tests
 //! --test operator_bench -- --ignored --nocapture` (`BENCH_CHATSERVICES`,
 //! `BENCH_REPLICAS` override the defaults 500 and 0).
@@ -24,6 +26,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
+use operator_support::status_log::{Side, StatusLog, lags, quantile};
 use operator_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -141,6 +144,48 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// What kube-controller-manager's log says of its own client's rate limiter: how many
+/// "client-side throttling" lines it wrote (at the default verbosity client-go logs
+/// waits over a second, at most one every 10 s), and the longest wait among them.
+fn client_side_throttling(log: &std::path::Path) -> (usize, f64) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut lines = 0;
+    let mut longest: f64 = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| l.contains("client-side throttling"))
+    {
+        lines += 1;
+        // `"Waited before sending request" delay="1.19s" reason="client-side throttling, …"`
+        let waited = line
+            .split("delay=")
+            .nth(1)
+            .map(|r| r.trim_start_matches('"'))
+            .and_then(|r| r.split(['"', ' ']).next())
+            .and_then(go_duration_seconds);
+        longest = longest.max(waited.unwrap_or(0.0));
+    }
+    (lines, longest)
+}
+
+/// Seconds in a Go duration such as `1.5s`, `980ms` or `1m2.5s`.
+fn go_duration_seconds(d: &str) -> Option<f64> {
+    let (minutes, rest) = match d.split_once('m') {
+        Some((m, r)) if !r.starts_with('s') => (m.parse::<f64>().ok()?, r),
+        _ => (0.0, d),
+    };
+    let seconds = if let Some(ms) = rest.strip_suffix("ms") {
+        ms.parse::<f64>().ok()? / 1000.0
+    } else if let Some(s) = rest.strip_suffix('s') {
+        s.parse::<f64>().ok()?
+    } else if rest.is_empty() {
+        0.0
+    } else {
+        return None;
+    };
+    Some(minutes * 60.0 + seconds)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench-operator"]
 async fn bench_500_chatservices_applied_at_once() -> Result<()> {
@@ -193,6 +238,9 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
     )
     .await?;
     let rss_idle = peak_rss_kib(pid).unwrap_or(0);
+
+    // Every Deployment's and ChatService's changes, from before the first create.
+    let log = StatusLog::start(admin.clone(), ns.name()).await?;
 
     // Apply them all at once (32 requests in flight).
     let api: Api<ChatService> = ns.api(admin.clone());
@@ -297,6 +345,40 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
     .await?;
     let settled_in = started.elapsed();
 
+    // Where the time to Ready went: the deployment controller (Deployment created →
+    // rolled out by its own status) and the operator (rolled out → ChatService Ready).
+    wait_until(
+        TIMEOUT,
+        "the status log to see every Deployment rolled out and every ChatService Ready",
+        || {
+            let log = &log;
+            async move {
+                Ok((log.first_up(Side::Deployment).len() >= count
+                    && log.first_up(Side::ChatService).len() >= count)
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    let created = log.appeared(Side::Deployment);
+    let rolled_out = log.first_up(Side::Deployment);
+    let ready = log.first_up(Side::ChatService);
+    let last = |m: &BTreeMap<String, Instant>| {
+        m.values()
+            .max()
+            .map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64())
+    };
+    let operator_lags: Vec<f64> = lags(&rolled_out, &ready).into_values().collect();
+    let controller_times: Vec<f64> = lags(&created, &rolled_out).into_values().collect();
+    let ms = |q: f64| {
+        format!(
+            "{:.0}",
+            1000.0 * quantile(&operator_lags, q).unwrap_or(f64::NAN)
+        )
+    };
+    let secs = |q: f64| format!("{:.1}", quantile(&controller_times, q).unwrap_or(f64::NAN));
+    let throttling = client_side_throttling(&cp.dir().join("logs/kube-controller-manager.log"));
+
     // A full no-op resync: every ChatService reconciled once more, nothing changed.
     let (_, m) = http_get(port, "/metrics").await?;
     let completed = metric(&m, "chatgate_operator_reconciles_completed_total");
@@ -346,6 +428,22 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
             "all_ready_and_idle_s",
             format!("{:.2}", settled_in.as_secs_f64()),
         ),
+        (
+            "all_deployments_created_s",
+            format!("{:.2}", last(&created)),
+        ),
+        (
+            "all_deployments_available_s",
+            format!("{:.2}", last(&rolled_out)),
+        ),
+        ("all_ready_s", format!("{:.2}", last(&ready))),
+        ("operator_lag_p50_ms", ms(0.5)),
+        ("operator_lag_p99_ms", ms(0.99)),
+        ("operator_lag_max_ms", ms(1.0)),
+        ("deployment_controller_p50_s", secs(0.5)),
+        ("deployment_controller_max_s", secs(1.0)),
+        ("kcm_throttled_log_lines", throttling.0.to_string()),
+        ("kcm_longest_throttle_s", format!("{:.1}", throttling.1)),
         (
             "noop_resync_duration_s",
             format!("{:.2}", resync_in.as_secs_f64()),

@@ -1,6 +1,7 @@
 //! The operator against the real control plane: children with the gate wired,
 //! rollouts through Reconciling to Ready, refusals at admission and by validation,
-//! startup failures named on the status, and garbage collection of children.
+//! startup failures named on the status, the status following the Deployment's
+//! within a second, and garbage collection of children.
 //!
 //! Each test runs its own operator in-process, scoped to the test's namespace, with
 //! leader election on a Lease there. Pods run on kwok's fake nodes, so they become
@@ -9,6 +10,7 @@
 mod operator_support;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Result;
 use chatgate_contract::Environment;
@@ -23,6 +25,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use operator_support::status_log::{Side, StatusLog, signed_seconds};
 use operator_support::*;
 use serde_json::json;
 
@@ -275,6 +278,81 @@ async fn a_spec_change_goes_through_reconciling_to_ready() -> Result<()> {
             .as_deref(),
         Some("ghcr.io/chatgate/chatgate-service:next")
     );
+    op.stop().await;
+    Ok(())
+}
+
+/// The most a ChatService's `Ready` may trail its Deployment's own status: it follows
+/// the Deployment watch, not a timed requeue (the resync is minutes).
+const STATUS_LAG_BOUND: Duration = Duration::from_secs(1);
+
+/// Marks `pod` ready or not through the status subresource, as the kubelet would when
+/// its readiness probe starts failing or passes again. kwok leaves a Running pod's
+/// conditions alone, so the Deployment's status follows only this.
+async fn set_pod_ready(pods: &Api<Pod>, pod: &str, ready: bool) -> Result<()> {
+    let status = if ready { "True" } else { "False" };
+    pods.patch_status(
+        pod,
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"status": {"conditions": [
+            {"type": "Ready", "status": status},
+            {"type": "ContainersReady", "status": status},
+        ]}})),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_follows_the_deployments_within_a_second() -> Result<()> {
+    let Setup { ns, admin, op, .. } = operator_in_new_namespace("op-follow").await?;
+    let log = StatusLog::start(admin.clone(), ns.name()).await?;
+    create(
+        &admin,
+        ns.name(),
+        &ChatService::test("chat").replicas(1).build(),
+    )
+    .await?;
+
+    // Each step changes only the Deployment's status (through its pod), never the
+    // ChatService: Ready must follow from the Deployment watch alone.
+    let pods: Api<Pod> = ns.api(admin.clone());
+    let mut lags = Vec::new();
+    for (step, set_ready, nth) in [
+        ("kwok started the pod", None, 0),
+        ("the pod turned unready", Some(false), 0),
+        ("the pod turned ready again", Some(true), 1),
+    ] {
+        let up = set_ready.unwrap_or(true);
+        if let Some(ready) = set_ready {
+            let selector = format!("{}=chat", meta::LABEL_INSTANCE);
+            let pod = pods
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .into_iter()
+                .next()
+                .expect("the Deployment's pod");
+            set_pod_ready(&pods, &pod.name_any(), ready).await?;
+        }
+        let deployment = log.wait(Side::Deployment, "chat", up, nth, TIMEOUT).await?;
+        let chat_service = log
+            .wait(Side::ChatService, "chat", up, nth, TIMEOUT)
+            .await?;
+        let lag = signed_seconds(deployment, chat_service);
+        println!(
+            "{step}: Ready={up} {:.0} ms after the Deployment's status",
+            lag * 1000.0
+        );
+        lags.push((step, lag));
+    }
+    for (step, lag) in &lags {
+        assert!(
+            *lag < STATUS_LAG_BOUND.as_secs_f64(),
+            "{step}: Ready followed the Deployment's status after {lag:.3} s (bound {STATUS_LAG_BOUND:?}); every change: {:?}",
+            log.transitions()
+        );
+    }
     op.stop().await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! What the operator tests share: installing the CRD and the chart's RBAC, running
 //! the operator in-process on the test's runtime (scoped to the test's namespace),
-//! and small readers of the ChatService status.
+//! small readers of the ChatService status, and a log of when each ChatService's
+//! status followed its Deployment's.
 
 #![allow(dead_code)]
 
@@ -20,6 +21,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub mod status_log;
 
 /// Long enough for a rollout on two busy cores, short enough to fail usefully.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
