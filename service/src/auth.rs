@@ -159,10 +159,11 @@ fn public_key(algorithm: Algorithm, pem_or_path: &str) -> Result<DecodingKey, St
     let pem = if pem_or_path.contains("-----BEGIN") {
         pem_or_path.to_string()
     } else {
+        // The value is not echoed: a key pointed at the wrong Secret key may hold a
+        // secret (an HS256 secret, say), and this message reaches the pod's status.
         std::fs::read_to_string(pem_or_path.trim()).map_err(|e| {
             format!(
-                "CHATGATE_JWT_PUBLIC_KEY is neither a PEM key nor a readable file ({}): {e}; set it to the PEM text or a path to it",
-                pem_or_path.trim()
+                "CHATGATE_JWT_PUBLIC_KEY is neither a PEM key (no -----BEGIN line) nor a readable file ({e}); set it to the PEM text or a path to it"
             )
         })?
     };

@@ -208,6 +208,34 @@ async fn a_malformed_secret_is_named_but_never_echoed() {
     }
 }
 
+/// A public key pointed at the wrong Secret key (one holding an HS256 secret) is
+/// named, and the value stays out of the termination message and the logs.
+#[tokio::test]
+async fn a_public_key_holding_something_else_is_named_but_never_echoed() {
+    let mut service = ServiceBuilder::new()
+        .env("CHATGATE_JWT_ALGORITHM", "RS256")
+        .env(
+            "CHATGATE_JWT_PUBLIC_KEY",
+            "827d9b9d3d0f33d3bd7b6972346Secret",
+        )
+        .spawn();
+    assert_eq!(service.exit_status().await.code(), Some(1));
+    let line = service.termination_log();
+    assert!(
+        line.starts_with(
+            "phase=auth service=jwt_verifier: CHATGATE_JWT_PUBLIC_KEY is neither a PEM key"
+        ),
+        "{line}"
+    );
+    for (surface, text) in [
+        ("termination message", line),
+        ("stderr", service.stderr()),
+        ("stdout", service.stdout()),
+    ] {
+        assert!(!text.contains("6972346Secret"), "{surface}: {text}");
+    }
+}
+
 /// While the database is retried, its password stays out of `/health/startup` and the logs.
 #[tokio::test]
 async fn a_database_password_never_reaches_health_or_logs_while_retrying() {

@@ -114,7 +114,7 @@ async fn kstatus_and_the_argo_cd_health_check_read_every_state_right() -> Result
     // kwok runs no container, so the test writes what the kubelet writes after the
     // service exits with its termination message: this is the line the real binary
     // writes for a JWT public key that is not a PEM key.
-    let message = "phase=auth service=jwt_verifier: CHATGATE_JWT_PUBLIC_KEY is neither a PEM key nor a readable file (not a PEM public key): No such file or directory (os error 2); set it to the PEM text or a path to it";
+    let message = "phase=auth service=jwt_verifier: CHATGATE_JWT_PUBLIC_KEY is neither a PEM key (no -----BEGIN line) nor a readable file (No such file or directory (os error 2)); set it to the PEM text or a path to it";
     report_crash(&pods, &pod.name_any(), message, 3).await?;
     wait_for(
         &api,
