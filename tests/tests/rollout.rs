@@ -27,7 +27,8 @@ use chatgate_tests::image::{Images, service_reference, workspace_root};
 use chatgate_tests::node_agent::{AGENT_NODE_LABEL, AGENT_NODE_TAINT_KEY};
 use chatgate_tests::router::Router;
 use chatgate_tests::tokens::Signer;
-use chatgate_tests::{ControlPlane, NodeAgent, Postgres, TestNamespace, wait_until};
+use chatgate_tests::wait::deployment_ready;
+use chatgate_tests::{ControlPlane, NodeAgent, Postgres, TestNamespace, wait_for, wait_until};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
@@ -529,8 +530,15 @@ async fn drifting_staging_in(
             &Patch::Merge(json!({"spec": {"criticalServices": critical}})),
         )
         .await?;
-    let stalled =
-        wait_for_condition(&chat_services, "chat", conditions::PARITY_OK, "False").await?;
+    let stalled = wait_for(
+        &chat_services,
+        "chat",
+        ROLLOUT_TIMEOUT,
+        |cs: &ChatService| {
+            condition(cs, conditions::PARITY_OK).is_some_and(|c| c.status == "False")
+        },
+    )
+    .await?;
     measured.time_to_stalled = Some(changed.elapsed());
     if !condition_true_now(&stalled, conditions::STALLED) {
         measured
@@ -723,43 +731,13 @@ async fn wait_rolled_out(
     name: &str,
     generation: i64,
 ) -> Result<ChatService> {
-    let api = api.clone();
-    let name = name.to_owned();
-    wait_until(ROLLOUT_TIMEOUT, "the ChatService to roll out", move || {
-        let (api, name) = (api.clone(), name.clone());
-        async move {
-            let cs = api.get(&name).await?;
-            let observed = cs
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_generation)
-                .unwrap_or(0);
-            Ok((observed >= generation && ready_now(&cs)).then_some(cs))
-        }
-    })
-    .await
-    .map_err(|e| anyhow!("{e}"))
-}
-
-async fn wait_for_condition(
-    api: &Api<ChatService>,
-    name: &str,
-    type_: &'static str,
-    status: &'static str,
-) -> Result<ChatService> {
-    let api = api.clone();
-    let name = name.to_owned();
-    wait_until(ROLLOUT_TIMEOUT, "the ChatService's condition", move || {
-        let (api, name) = (api.clone(), name.clone());
-        async move {
-            let cs = api.get(&name).await?;
-            Ok(condition(&cs, type_)
-                .is_some_and(|c| c.status == status)
-                .then_some(cs))
-        }
-    })
-    .await
-    .map_err(|e| anyhow!("{e}"))
+    Ok(
+        wait_for(api, name, ROLLOUT_TIMEOUT, move |cs: &ChatService| {
+            let observed = cs.status.as_ref().and_then(|s| s.observed_generation);
+            observed >= Some(generation) && ready_now(cs)
+        })
+        .await?,
+    )
 }
 
 /// Waits until every client has connected once.
@@ -865,8 +843,10 @@ fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-/// The naive Deployment's and Service's name and `app` label.
+/// The naive Deployment's and Service's name and `app` label, and its replicas
+/// (the ChatService's).
 const NAIVE: &str = "naive";
+const NAIVE_REPLICAS: i32 = 2;
 
 /// The operator's pod template with its wiring taken out, as the original system
 /// ran it: one always-200 probe (`/health/live`) for readiness and liveness, no
@@ -909,7 +889,7 @@ fn naive_deployment(rendered: &Deployment) -> Deployment {
         "kind": "Deployment",
         "metadata": {"name": NAIVE},
         "spec": {
-            "replicas": 2,
+            "replicas": NAIVE_REPLICAS,
             "selector": {"matchLabels": {"app": NAIVE}},
             "template": template,
         },
@@ -935,43 +915,25 @@ async fn rendered_deployment(
     deployments: &Api<Deployment>,
     previous: Option<i64>,
 ) -> Result<Deployment> {
-    let deployments = deployments.clone();
-    wait_until(
+    Ok(wait_for(
+        deployments,
+        "chat",
         ROLLOUT_TIMEOUT,
-        "the operator to render the Deployment",
-        move || {
-            let deployments = deployments.clone();
-            async move {
-                Ok(deployments
-                    .get_opt("chat")
-                    .await?
-                    .filter(|d| d.metadata.generation > previous))
-            }
-        },
+        move |d: &Deployment| d.metadata.generation > previous,
     )
-    .await
-    .map_err(|e| anyhow!("{e}"))
+    .await?)
 }
 
 /// Waits until the naive Deployment's rollout is complete, as `kubectl rollout
-/// status` judges it.
+/// status` judges it: its pods are all of the new version and ready, and no old
+/// pod is left.
 async fn wait_naive_rolled_out(deployments: &Api<Deployment>, within: Duration) -> Result<()> {
-    let deployments = deployments.clone();
-    wait_until(within, "the naive Deployment to roll out", move || {
-        let deployments = deployments.clone();
-        async move {
-            let d = deployments.get(NAIVE).await?;
-            let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            let status = d.status.clone().unwrap_or_default();
-            let done = status.observed_generation >= d.metadata.generation
-                && status.updated_replicas.unwrap_or(0) == want
-                && status.replicas.unwrap_or(0) == want
-                && status.available_replicas.unwrap_or(0) == want;
-            Ok(done.then_some(()))
-        }
+    let rolled_out = deployment_ready(NAIVE_REPLICAS);
+    wait_for(deployments, NAIVE, within, move |d: &Deployment| {
+        rolled_out(d) && d.status.as_ref().and_then(|s| s.replicas) == Some(NAIVE_REPLICAS)
     })
-    .await
-    .map_err(|e| anyhow!("{e}"))
+    .await?;
+    Ok(())
 }
 
 /// One cell of a table row, from one run's measurements.
