@@ -69,7 +69,7 @@ Try a broken rollout (the clients above keep being served throughout):
   $KUBECTL patch chatservice chat-dev --type merge -p '{"spec":{"jwt":{"algorithm":"RS256","secretRef":null,"publicKeyRef":{"name":"chat-dev-secrets","key":"jwt-secret"}}}}'
   # 2. watch it stall, naming the phase and the service; the old pods keep serving
   $KUBECTL get chatservices -w
-  # 3. roll back; the rollout completes
+  # 3. roll back: the broken pod goes away, Ready again; the old pods never stopped serving
   $KUBECTL patch chatservice chat-dev --type merge -p '{"spec":{"jwt":{"algorithm":"HS256","publicKeyRef":null,"secretRef":{"name":"chat-dev-secrets","key":"jwt-secret"}}}}'
 
 Ctrl-C stops the operator and (if it started them) the pods, PostgreSQL and the local control plane.

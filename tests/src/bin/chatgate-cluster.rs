@@ -285,3 +285,31 @@ impl Shutdown {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_route;
+
+    #[test]
+    fn a_route_names_its_namespace_service_and_loopback_address() {
+        let (ns, name, address) = parse_route("default/chat-dev=127.0.0.1:8080").unwrap();
+        assert_eq!((ns.as_str(), name.as_str()), ("default", "chat-dev"));
+        assert_eq!(address.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_malformed_or_non_loopback_route_is_refused_with_the_expected_shape() {
+        for bad in [
+            "chat-dev=127.0.0.1:8080",
+            "default/chat-dev",
+            "default/chat=nowhere",
+        ] {
+            let e = parse_route(bad).unwrap_err().to_string();
+            assert!(e.contains("expected NAMESPACE/NAME=ADDRESS"), "{bad}: {e}");
+        }
+        let e = parse_route("default/chat=10.0.0.1:80")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback only"), "{e}");
+    }
+}
