@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check postgres cluster bench bench-operator e2e fuzz image image-push clean help
+.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check prom-tools monitoring-check postgres cluster bench bench-operator e2e fuzz image image-push clean help
 
 all: build
 
@@ -25,6 +25,12 @@ postgres: ## find (or install) PostgreSQL's server binaries for the tests
 status-check: ## build chatgate-status (kstatus + Argo CD's Lua runner) into the cache
 	hack/status-check.sh >/dev/null
 
+prom-tools: ## build promtool, prometheus and chatgate-dashlint (hack/prom-tools) into the cache
+	hack/prom-tools.sh >/dev/null
+
+monitoring-check: prom-tools k8s-bins ## the alerts' unit tests, the dashboard's lint and queries, the chart's monitoring objects
+	$(CARGO) test --workspace --test monitoring
+
 run: k8s-bins postgres ## the local platform (or current cluster) + operator + a sample ChatService whose pods run for real
 	hack/run.sh
 
@@ -32,7 +38,7 @@ cluster: k8s-bins postgres ## the local platform: control plane, a node running 
 	$(CARGO) build --quiet --release -p chatgate-service -p chatgate-operator -p chatgate-tests --bins
 	target/release/chatgate-cluster --nodes 0 --run-pods --postgres
 
-test: k8s-bins status-check postgres lint ## all tests: unit, service, real control plane, CLI, the rollout proof
+test: k8s-bins status-check prom-tools postgres lint ## all tests: unit, service, real control plane, CLI, the rollout proof
 	$(CARGO) test --workspace --no-fail-fast
 	@cat target/e2e/rollout.md
 

@@ -6,6 +6,9 @@ pub const HEALTH_LIVE: &str = "/health/live";
 pub const HEALTH_STARTUP: &str = "/health/startup";
 /// Readiness: startup complete, not draining, dependencies usable.
 pub const HEALTH_READY: &str = "/health/ready";
+/// The aggregate health check for people and external checkers: the same answer
+/// (status and report) as [`HEALTH_READY`], at the path checks usually expect.
+pub const HEALTH: &str = "/health";
 /// The chat WebSocket.
 pub const WS: &str = "/ws";
 /// Prometheus text exposition.

@@ -269,6 +269,7 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         not_owned: not_owned.as_ref().map(ToString::to_string),
     };
     let next = status::desired_status(cs.status.as_ref(), &observed, &(ctx.clock)());
+    ctx.metrics.observe_chatservice(cs, &next, Instant::now());
     if cs.status.as_ref() != Some(&next) {
         write_status(ctx, cs, &next)
             .await

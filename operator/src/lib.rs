@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod render;
 pub mod run;
 pub mod serverless;
+pub mod smoke;
 pub mod status;
 pub mod validate_cmd;
 pub mod validation;

@@ -3,6 +3,7 @@
 
 use chatgate_operator::render::{RenderArgs, RenderError, render};
 use chatgate_operator::run::{Health, Options, run};
+use chatgate_operator::smoke::SmokeArgs;
 use chatgate_operator::validate_cmd::{self, ValidateArgs};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -38,6 +39,10 @@ enum Command {
     Render(RenderArgs),
     /// Check ChatService manifests offline: configuration, references and parity.
     Validate(ValidateArgs),
+    /// Check a deployed service from outside, as a pipeline step after a deploy: the
+    /// health endpoint, a WebSocket upgrade with a token, a ping and one chat round
+    /// trip. Exit status 0 when all pass, 1 when one fails, 2 when it cannot start.
+    Smoke(SmokeArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Smoke(args) => smoke(&args),
         Command::Validate(args) => {
             ExitCode::from(u8::try_from(validate_cmd::run(&args)).unwrap_or(2))
         }
@@ -101,6 +107,36 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn smoke(args: &SmokeArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(chatgate_operator::smoke::run(args)) {
+        Ok(checks) => {
+            if args.output == "json" {
+                for check in &checks {
+                    println!("{}", serde_json::to_string(check).unwrap_or_default());
+                }
+            } else {
+                print!("{}", chatgate_operator::smoke::table(&checks));
+            }
+            if chatgate_operator::smoke::passed(&checks) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

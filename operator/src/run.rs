@@ -314,9 +314,16 @@ async fn run_scope(
         )
         .default_backoff(),
     )
-    .inspect(move |event| {
-        if matches!(event, Ok(watcher::Event::InitDone)) {
-            listed_tx.send_replace(true);
+    .inspect({
+        let metrics = health.metrics.clone();
+        move |event| match event {
+            Ok(watcher::Event::InitDone) => {
+                listed_tx.send_replace(true);
+            }
+            Ok(watcher::Event::Delete(cs)) => {
+                metrics.forget_chatservice(&cs.namespace().unwrap_or_default(), &cs.name_any());
+            }
+            _ => {}
         }
     })
     .applied_objects();
@@ -541,6 +548,7 @@ pub async fn run(
         .await;
         health.leader.store(false, Ordering::SeqCst);
         health.metrics.leader.set(0);
+        health.metrics.forget_all_chatservices();
         if *stop_check.borrow() {
             break;
         }

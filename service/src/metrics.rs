@@ -1,9 +1,14 @@
 //! Prometheus metrics of the service, served at `/metrics`.
 //!
-//! Hot counters (accepted connects, active connections) are resolved once and kept
+//! Hot counters (accepted upgrades, active connections) are resolved once and kept
 //! as handles, so the connection path touches an atomic, not a label lookup.
+//!
+//! What the startup report already knows (which critical services exist, how long
+//! startup took or has taken so far) is not counted twice: it is read from the
+//! report at each scrape ([`Metrics::observe_startup`]). The README's "Monitoring"
+//! section lists every metric; the alert rules and the dashboard use these names.
 
-use chatgate_contract::StartupPhase;
+use chatgate_contract::{HealthReport, ServiceState, StartupPhase};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,9 +16,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// An upgrade attempt on `/ws`: the HTTP status it got, and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub struct UpgradeLabels {
+    pub code: u16,
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,12 +51,14 @@ pub struct EventLabel {
 pub struct Metrics {
     registry: Registry,
     pub active_connections: Gauge,
-    connects: Family<ResultLabel, Counter>,
-    pub connects_accepted: Counter,
+    upgrades: Family<UpgradeLabels, Counter>,
+    upgrades_accepted: Counter,
     closes: Family<CodeLabel, Counter>,
     phase_seconds: Family<PhaseLabel, Gauge<f64, AtomicU64>>,
     phase_attempts: Family<PhaseLabel, Counter>,
-    pub startup_complete: Gauge,
+    startup_complete: Gauge,
+    startup_seconds: Gauge<f64, AtomicU64>,
+    critical_services: Family<ServiceLabel, Gauge>,
     agent_events: Family<EventLabel, Counter>,
     pub agent_requests: Counter,
     errors_sent: Family<ErrorLabel, Counter>,
@@ -59,11 +73,11 @@ impl Metrics {
             "Open /ws connections",
             active_connections.clone(),
         );
-        let connects = Family::<ResultLabel, Counter>::default();
+        let upgrades = Family::<UpgradeLabels, Counter>::default();
         registry.register(
-            "chatgate_ws_connects",
-            "/ws upgrade attempts by result (accepted, unauthorized, forbidden, unavailable, over_limit, bad_request)",
-            connects.clone(),
+            "chatgate_ws_upgrades",
+            "/ws requests by HTTP status (101, 400, 401, 403, 503; any other 5xx is a defect) and result (accepted, over_limit, unauthorized, forbidden, bad_request, starting, draining, panic)",
+            upgrades.clone(),
         );
         let closes = Family::<CodeLabel, Counter>::default();
         registry.register(
@@ -89,6 +103,18 @@ impl Metrics {
             "1 once every critical service exists",
             startup_complete.clone(),
         );
+        let startup_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "chatgate_startup_duration_seconds",
+            "Seconds from process start to startup complete; while still starting, the seconds so far",
+            startup_seconds.clone(),
+        );
+        let critical_services = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "chatgate_critical_service_up",
+            "1 while the critical service exists and works (thread_store: its database answers)",
+            critical_services.clone(),
+        );
         let agent_events = Family::<EventLabel, Counter>::default();
         registry.register(
             "chatgate_agent_events",
@@ -107,26 +133,51 @@ impl Metrics {
             "error frames sent to clients, by code (rate_limited, llm_unavailable, invalid_json, ...)",
             errors_sent.clone(),
         );
-        let connects_accepted = connects
-            .get_or_create(&ResultLabel { result: "accepted" })
+        let upgrades_accepted = upgrades
+            .get_or_create(&UpgradeLabels {
+                code: 101,
+                result: "accepted",
+            })
             .clone();
         Metrics {
             registry,
             active_connections,
-            connects,
-            connects_accepted,
+            upgrades,
+            upgrades_accepted,
             closes,
             phase_seconds,
             phase_attempts,
             startup_complete,
+            startup_seconds,
+            critical_services,
             agent_events,
             agent_requests,
             errors_sent,
         }
     }
 
-    pub fn connect(&self, result: &'static str) {
-        self.connects.get_or_create(&ResultLabel { result }).inc();
+    /// One `/ws` request answered with `code`.
+    pub fn upgrade(&self, code: u16, result: &'static str) {
+        if code == 101 && result == "accepted" {
+            self.upgrades_accepted.inc();
+        } else {
+            self.upgrades
+                .get_or_create(&UpgradeLabels { code, result })
+                .inc();
+        }
+    }
+
+    /// Brings the startup gauges up to date with the report, just before a scrape.
+    pub fn observe_startup(&self, report: &HealthReport, complete: bool, startup_seconds: f64) {
+        self.startup_complete.set(i64::from(complete));
+        self.startup_seconds.set(startup_seconds);
+        for service in &report.services {
+            self.critical_services
+                .get_or_create(&ServiceLabel {
+                    service: service.name.as_str(),
+                })
+                .set(i64::from(service.state == ServiceState::Ready));
+        }
     }
 
     pub fn close(&self, code: u16) {

@@ -18,7 +18,9 @@ use axum::serve::ListenerExt;
 use chatgate_contract::{
     ConfigSet, CriticalService, HealthReport, HealthState, ServiceState, paths,
 };
+use futures::FutureExt;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -69,6 +71,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(paths::HEALTH_LIVE, get(live))
         .route(paths::HEALTH_STARTUP, get(startup_health))
         .route(paths::HEALTH_READY, get(ready))
+        .route(paths::HEALTH, get(ready))
         .route(paths::METRICS, get(metrics))
         .route(paths::WS, get(ws_route))
         .layer(axum::middleware::from_fn(cloud_trace))
@@ -147,6 +150,11 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.metrics.observe_startup(
+        &app.progress.report(),
+        app.services.get().is_some(),
+        app.progress.startup_seconds(),
+    );
     let body = app.metrics.encode();
     (
         [(
@@ -158,21 +166,53 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+/// `/ws`, counted by the status it answers with. A panic while upgrading is a defect:
+/// it is answered with 500 (counted, so the alert on `/ws` server errors sees it)
+/// instead of a reset connection.
 async fn ws_route(State(app): State<Arc<App>>, request: Request) -> Response {
     match app.serving() {
         Some(services) => {
             let services = services.clone();
-            ws::upgrade(app, services, request).await
+            counted(&app, ws::upgrade(app.clone(), services, request)).await
         }
-        None => not_serving(&app),
+        None => counted(&app, std::future::ready(not_serving(&app))).await,
     }
+}
+
+async fn counted(app: &App, answer: impl Future<Output = Response>) -> Response {
+    let response = AssertUnwindSafe(answer)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| upgrade_panicked());
+    let result = response
+        .extensions()
+        .get::<ws::UpgradeResult>()
+        .map_or("other", |r| r.0);
+    app.metrics.upgrade(response.status().as_u16(), result);
+    response
+}
+
+fn upgrade_panicked() -> Response {
+    error!("the /ws upgrade panicked; answered 500 (a defect: please report it with this log)");
+    let body = serde_json::json!({
+        "error": "internal",
+        "message": "the server failed while accepting this connection; retry, and report it if it persists",
+    });
+    ws::tagged(
+        (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response(),
+        "panic",
+    )
 }
 
 /// `/ws` before startup completed, or while draining: 503 + `Retry-After`, and a
 /// body that says why. Never 500.
 fn not_serving(app: &App) -> Response {
-    app.metrics.connect("unavailable");
     let report = app.progress.report();
+    let result = if report.state == HealthState::Draining {
+        "draining"
+    } else {
+        "starting"
+    };
     let body = match report.state {
         HealthState::Draining => serde_json::json!({
             "error": "draining",
@@ -192,7 +232,7 @@ fn not_serving(app: &App) -> Response {
         header::RETRY_AFTER,
         HeaderValue::from_static(RETRY_AFTER_SECONDS),
     );
-    response
+    ws::tagged(response, result)
 }
 
 /// Runs the service to the end. Returns the process exit code.
@@ -273,7 +313,6 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     let replicas = services.replicas.clone();
     let _ = app.services.set(services);
     app.progress.complete();
-    app.metrics.startup_complete.set(1);
     info!(
         took_ms = started.elapsed().as_micros() as f64 / 1000.0,
         "startup complete; every critical service exists"
@@ -400,5 +439,34 @@ async fn termination_signal(signals: &mut Signals) {
     tokio::select! {
         _ = next(&mut signals.term) => {}
         _ = next(&mut signals.int) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_upgrade_is_answered_500_and_counted() {
+        let app = App::new(Instant::now());
+        let response = counted(&app, async { panic!("a defect in the upgrade") }).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let exposition = app.metrics.encode();
+        assert!(
+            exposition.contains("chatgate_ws_upgrades_total{code=\"500\",result=\"panic\"} 1"),
+            "{exposition}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ws_before_startup_is_counted_as_503_starting() {
+        let app = App::new(Instant::now());
+        let response = counted(&app, std::future::ready(not_serving(&app))).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            app.metrics
+                .encode()
+                .contains("chatgate_ws_upgrades_total{code=\"503\",result=\"starting\"} 1")
+        );
     }
 }

@@ -53,6 +53,8 @@ struct ProgressInner {
     services: Vec<ServiceReport>,
     error: Option<String>,
     schema_version: Option<i64>,
+    /// How long startup took, once complete.
+    took: Option<Duration>,
 }
 
 impl Progress {
@@ -81,6 +83,7 @@ impl Progress {
                     .collect(),
                 error: None,
                 schema_version: None,
+                took: None,
             }),
         }
     }
@@ -147,10 +150,19 @@ impl Progress {
     }
 
     pub fn complete(&self) {
+        let took = self.started.elapsed();
         self.with(|inner| {
             inner.state = HealthState::Ready;
             inner.current = None;
+            inner.took = Some(took);
         });
+    }
+
+    /// Seconds startup took; while it still runs, the seconds so far.
+    pub fn startup_seconds(&self) -> f64 {
+        self.with(|inner| inner.took)
+            .unwrap_or_else(|| self.started.elapsed())
+            .as_secs_f64()
     }
 
     pub fn draining(&self) {

@@ -40,35 +40,41 @@ pub mod close_code {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
+/// Why a `/ws` request got the answer it got: the `result` label of
+/// `chatgate_ws_upgrades_total`, carried on the response to where it is counted.
+#[derive(Clone, Copy, Debug)]
+pub struct UpgradeResult(pub &'static str);
+
+/// `response`, marked with why it was given.
+pub fn tagged(mut response: Response, result: &'static str) -> Response {
+    response.extensions_mut().insert(UpgradeResult(result));
+    response
+}
+
 /// Checks origin and token, takes a connection slot, and upgrades.
 pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let settings = services.bridge.settings();
     if !auth::origin_allowed(&parts.headers, &settings.allowed_origins) {
-        app.metrics.connect("forbidden");
-        return auth::AuthError::OriginNotAllowed.into_response();
+        return tagged(
+            auth::AuthError::OriginNotAllowed.into_response(),
+            "forbidden",
+        );
     }
     let credentials = match auth::credentials(&parts.headers) {
         Ok(c) => c,
-        Err(e) => {
-            app.metrics.connect("unauthorized");
-            return e.into_response();
-        }
+        Err(e) => return tagged(e.into_response(), "unauthorized"),
     };
     let user = match services.verifier.verify(&credentials.token) {
         Ok(user) => user,
         Err(e) => {
-            app.metrics.connect("unauthorized");
             debug!(reason = e.reason(), "upgrade refused");
-            return e.into_response();
+            return tagged(e.into_response(), "unauthorized");
         }
     };
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,
-        Err(rejection) => {
-            app.metrics.connect("bad_request");
-            return rejection.into_response();
-        }
+        Err(rejection) => return tagged(rejection.into_response(), "bad_request"),
     };
     let limit = settings.max_message_bytes;
     let mut upgrade = upgrade
@@ -109,7 +115,6 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
     };
     match admitted {
         Ok((admission, slot)) => {
-            app.metrics.connects_accepted.inc();
             let connection = Connection {
                 app,
                 services,
@@ -118,12 +123,17 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
                 _slot: slot,
                 request_span: tracing::Span::current(),
             };
-            upgrade.on_upgrade(move |socket| connection.serve(socket))
+            tagged(
+                upgrade.on_upgrade(move |socket| connection.serve(socket)),
+                "accepted",
+            )
         }
         Err(over) => {
-            app.metrics.connect("over_limit");
             info!(user_id = %user, reason = over.reason(), "connection refused with 1013");
-            upgrade.on_upgrade(move |socket| refuse(socket, app, over))
+            tagged(
+                upgrade.on_upgrade(move |socket| refuse(socket, app, over)),
+                "over_limit",
+            )
         }
     }
 }

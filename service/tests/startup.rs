@@ -3,8 +3,10 @@
 
 mod common;
 
+use chatgate_contract::CriticalService;
 use common::*;
 use serde_json::Value;
+use std::time::Duration;
 
 #[tokio::test]
 async fn startup_runs_every_phase_in_order_and_reports_timings() {
@@ -119,6 +121,32 @@ async fn ws_before_startup_is_refused_with_503() {
     assert_eq!(ready, 503);
     let (live, _, _) = service.get("/health/live").await.expect("answer");
     assert_eq!(live, 200, "liveness never depends on dependencies");
+    // The aggregate check answers like readiness, with the whole report.
+    let (health, report, _) = service.get("/health").await.expect("answer");
+    assert_eq!(health, 503);
+    assert_eq!(report["state"], "starting");
+    assert_eq!(report["phase"], "storage");
+    assert_eq!(report["services"][2]["name"], "thread_store");
+
+    // The metrics say the same: every refusal counted as 503/starting, the thread
+    // store missing, and a startup duration that grows while startup runs.
+    let first = service.metrics().await;
+    let series = "chatgate_ws_upgrades_total{code=\"503\",result=\"starting\"}";
+    assert_eq!(sample(&first, series), Some(2.0), "{first}");
+    assert_eq!(sample(&first, "chatgate_startup_complete"), Some(0.0));
+    let up = |service: &str| format!("chatgate_critical_service_up{{service=\"{service}\"}}");
+    assert_eq!(sample(&first, &up("configuration")), Some(1.0), "{first}");
+    assert_eq!(sample(&first, &up("thread_store")), Some(0.0), "{first}");
+    assert_eq!(
+        sample(&first, &up("agent_supervisor")),
+        Some(0.0),
+        "{first}"
+    );
+    let before = sample(&first, "chatgate_startup_duration_seconds").expect("duration");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = service.metrics().await;
+    let after = sample(&later, "chatgate_startup_duration_seconds").expect("duration");
+    assert!(after >= before + 0.25, "{before} then {after}");
     service.child.kill().await.ok();
 }
 
@@ -459,10 +487,41 @@ async fn metrics_report_startup_and_connections() {
     for needle in [
         "chatgate_startup_complete 1",
         "chatgate_ws_active_connections 1",
-        "chatgate_ws_connects_total{result=\"accepted\"} 1",
-        "chatgate_ws_connects_total{result=\"unauthorized\"} 1",
+        "chatgate_ws_upgrades_total{code=\"101\",result=\"accepted\"} 1",
+        "chatgate_ws_upgrades_total{code=\"401\",result=\"unauthorized\"} 1",
         "chatgate_startup_phase_duration_seconds{phase=\"storage\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    for service in CriticalService::ALL {
+        let series = format!(
+            "chatgate_critical_service_up{{service=\"{}\"}}",
+            service.as_str()
+        );
+        assert_eq!(sample(text, &series), Some(1.0), "{series} in\n{text}");
+    }
+    // Once complete, the startup duration is what it took, not the uptime.
+    let took = sample(text, "chatgate_startup_duration_seconds").expect("duration");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = service.metrics().await;
+    assert_eq!(
+        sample(&again, "chatgate_startup_duration_seconds"),
+        Some(took)
+    );
+
+    let (status, report, _) = service.get("/health").await.expect("answer");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["state"], "ready");
+    assert_eq!(
+        report["services"].as_array().map(Vec::len),
+        Some(CriticalService::ALL.len())
+    );
+    assert!(
+        report["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .all(|s| s["state"] == "ready"),
+        "{report}"
+    );
 }

@@ -132,3 +132,27 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Runs `hack/<script>`, which builds a Go tool into the cache when it is missing
+/// (the build's progress goes to this process's stderr) and prints where it is.
+pub fn go_tool(script: &str) -> Result<PathBuf> {
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../hack")
+        .join(script);
+    let script = in_repo.canonicalize().unwrap_or(in_repo);
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("CHATGATE_CACHE", cache_root())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}); run it by hand to see why (it needs `go` and the Go module proxy)",
+            script.display(),
+            out.status
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}

@@ -25,6 +25,8 @@ pub mod pki;
 pub mod pod_network;
 pub mod postgres;
 pub mod process;
+pub mod prom_tools;
+pub mod prometheus;
 pub mod router;
 pub mod status_check;
 pub mod tokens;

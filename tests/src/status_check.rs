@@ -4,8 +4,8 @@
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 
 /// What a status reader concluded about one object.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -15,34 +15,13 @@ pub struct Verdict {
     pub message: String,
 }
 
-fn script() -> PathBuf {
-    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/status-check.sh");
-    in_repo.canonicalize().unwrap_or(in_repo)
-}
-
 /// Builds the tool when the cache lacks it (its progress goes to this process's
 /// stderr) and returns its path.
 pub fn ensure_status_check() -> Result<PathBuf> {
-    let script = script();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("CHATGATE_CACHE", crate::bins::cache_root())
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}); run it by hand to see why (it needs `go` and the Go module proxy)",
-            script.display(),
-            out.status
-        );
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let path = crate::bins::go_tool("status-check.sh")?;
     if !path.is_file() {
         bail!(
-            "{} printed `{}`, which is not a file",
-            script.display(),
+            "hack/status-check.sh printed `{}`, which is not a file",
             path.display()
         );
     }

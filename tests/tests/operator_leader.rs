@@ -138,6 +138,23 @@ async fn of_two_instances_one_leads_and_killing_it_hands_over() -> Result<()> {
         metrics.contains("chatgate_operator_reconcile_duration_seconds_bucket"),
         "{metrics}"
     );
+    // The ChatService's state as the alerts read it, on the leader only.
+    let ready_series = format!(
+        "chatgate_operator_chatservice_condition{{namespace=\"{}\",chatservice=\"chat\",environment=\"development\",condition=\"Ready\"}} 1",
+        ns.name()
+    );
+    assert!(metrics.contains(&ready_series), "{metrics}");
+    assert!(
+        metrics.contains(
+            "chatgate_operator_time_to_ready_seconds_count{environment=\"development\"} 1"
+        ),
+        "{metrics}"
+    );
+    let (_, standby_metrics) = http_get(standby_port, "/metrics").await?;
+    assert!(
+        !standby_metrics.contains("chatgate_operator_chatservice_condition{"),
+        "a standby reports no ChatService: {standby_metrics}"
+    );
 
     // A crash: the lease is not released; the standby takes over once it expires.
     leader.kill().await;
@@ -161,6 +178,19 @@ async fn of_two_instances_one_leads_and_killing_it_hands_over() -> Result<()> {
     assert_eq!(done.metadata.generation, changed.metadata.generation);
     assert_eq!(done.status.unwrap().replicas_ready.as_deref(), Some("2/2"));
     assert!(standby.health.metrics.reconciles.get() > 0);
+    // The new leader reports the ChatService, and stops when it is deleted.
+    let (_, metrics) = http_get(standby_port, "/metrics").await?;
+    assert!(metrics.contains(&ready_series), "{metrics}");
+    chat_services.delete("chat", &Default::default()).await?;
+    wait_until(
+        TIMEOUT,
+        "the deleted ChatService's series to go",
+        move || async move {
+            let (_, metrics) = http_get(standby_port, "/metrics").await?;
+            Ok((!metrics.contains("chatservice=\"chat\"")).then_some(()))
+        },
+    )
+    .await?;
     standby.stop().await;
     // A graceful stop releases the lease at once.
     if holder(&leases).await.is_some_and(|h| h == standby_id) {

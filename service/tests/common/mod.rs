@@ -216,6 +216,24 @@ impl Service {
     }
 }
 
+/// The value of the sample `series` (`name{labels}` exactly as exposed) in a
+/// Prometheus text exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+impl Service {
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let (status, body, _) = self.get("/metrics").await.expect("/metrics answers");
+        assert_eq!(status, 200);
+        body.as_str().expect("text exposition").to_owned()
+    }
+}
+
 pub async fn get_url(url: &str) -> Option<(u16, Value, reqwest::header::HeaderMap)> {
     let response = reqwest::Client::new()
         .get(url)
