@@ -9,12 +9,19 @@
 //! probe, default `maxUnavailable`, no preStop), side by side. The tables go to
 //! stderr and to `target/e2e/rollout.md`; `make e2e` shows them, and BENCHMARKS.md
 //! records them.
+//!
+//! A real Prometheus watches every scenario with the chart's scrape jobs and alert
+//! rules as shipped (issue 14): the chat pods found through the control plane, the
+//! operator's `/metrics`. Its alerts are polled into a timeline per scenario: the
+//! startup-failure alert must fire in scenario 2, the `/ws` server-error alert must
+//! never so much as go pending, and nothing else may fire.
 
 mod operator_support;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -25,6 +32,9 @@ use chatgate_operator::meta;
 use chatgate_tests::fleet::{Fleet, FleetOptions, FleetReport};
 use chatgate_tests::image::{Images, service_reference, workspace_root};
 use chatgate_tests::node_agent::{AGENT_NODE_LABEL, AGENT_NODE_TAINT_KEY};
+use chatgate_tests::process::free_loopback_ports;
+use chatgate_tests::prom_tools::ensure_prom_tools;
+use chatgate_tests::prometheus::{AlertChange, AlertLog, Prometheus, PrometheusOptions};
 use chatgate_tests::router::Router;
 use chatgate_tests::tokens::Signer;
 use chatgate_tests::wait::deployment_ready;
@@ -64,14 +74,22 @@ const SECRET_DB_SLOW: &str = "chat-db-slow";
 const KEY_PUBLIC: &str = "jwt-public-key";
 const KEY_DB: &str = "database-url";
 
+/// The alert every scenario must never raise: `/ws` server errors.
+const WS_SERVER_ERRORS: &str = "ChatGateWsServerErrors";
+/// The alert a rollout whose critical service cannot start must raise.
+const STARTUP_FAILURE: &str = "ChatGateStartupFailure";
+
 /// What every scenario shares: the control plane, one node agent running the
-/// images, one PostgreSQL server, the signing key of every token.
+/// images, one PostgreSQL server, the signing key of every token, and Prometheus
+/// with the timeline of its alerts.
 struct Platform {
     cp: &'static ControlPlane,
     agent: NodeAgent,
     postgres: Postgres,
     signer: Signer,
     images: &'static Images,
+    prometheus: Arc<Prometheus>,
+    alerts: AlertLog,
 }
 
 impl Platform {
@@ -81,13 +99,83 @@ impl Platform {
         let images = Images::shared().await?;
         let agent = NodeAgent::start(cp, "rollout-node-0", images.clone()).await?;
         let postgres = tokio::task::spawn_blocking(Postgres::start).await??;
+        let tools = tokio::task::spawn_blocking(ensure_prom_tools).await??;
+        let prometheus = Arc::new(
+            Prometheus::start(
+                &tools,
+                PrometheusOptions {
+                    kubeconfig: cp.kubeconfig_path().to_owned(),
+                    interval: Duration::from_secs(1),
+                },
+            )
+            .await?,
+        );
+        let alerts = AlertLog::start(prometheus.clone(), Duration::from_millis(500));
         Ok(Platform {
             cp,
             agent,
             postgres,
             signer: Signer::generate_ec()?,
             images,
+            prometheus,
+            alerts,
         })
+    }
+
+    /// A namespace with its operator leading, its `/metrics` scraped by Prometheus.
+    async fn operator(&self, prefix: &str) -> Result<Setup> {
+        let address = SocketAddr::from(([127, 0, 0, 1], free_loopback_ports(1)?[0]));
+        let setup = operator_in_new_namespace_serving(prefix, &address.to_string()).await?;
+        self.prometheus.set_operator_targets(&[address])?;
+        Ok(setup)
+    }
+
+    /// What Prometheus saw of namespace `ns` during the scenario: the `/ws` upgrades
+    /// it scraped from the pods and every alert change. `must_fire` must have fired;
+    /// nothing else may have, and the `/ws` server-error alert not even gone pending.
+    async fn observe_alerts(&self, ns: &str, measured: &mut Measured, must_fire: &[&str]) {
+        // One more scrape and rule evaluation after the fleet's last request.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let query = format!("sum(chatgate_ws_upgrades_total{{namespace=\"{ns}\"}})");
+        match self.prometheus.query(&query).await {
+            Ok(result) => {
+                measured.scraped_upgrades = result.first().map_or(0.0, |(_, v)| *v);
+            }
+            Err(e) => measured
+                .problems
+                .push(format!("querying Prometheus: {e:#}")),
+        }
+        if measured.scraped_upgrades < 1.0 {
+            let targets = self.prometheus.targets().await.unwrap_or_default();
+            measured.problems.push(format!(
+                "Prometheus scraped no /ws upgrade from the pods of {ns}; its targets: {targets:?}; its log:\n{}",
+                self.prometheus.log()
+            ));
+        }
+        measured.alerts = self.alerts.changes_in(ns);
+        for name in must_fire {
+            if !measured
+                .alerts
+                .iter()
+                .any(|c| c.alert == *name && c.state == "firing")
+            {
+                measured.problems.push(format!(
+                    "{name} did not fire; alert changes: {:?}",
+                    measured.alerts
+                ));
+            }
+        }
+        for change in &measured.alerts {
+            if change.alert == WS_SERVER_ERRORS {
+                measured
+                    .problems
+                    .push(format!("{WS_SERVER_ERRORS} went {}", change.state));
+            } else if change.state == "firing" && !must_fire.contains(&change.alert.as_str()) {
+                measured
+                    .problems
+                    .push(format!("{} fired: {}", change.alert, change.summary));
+            }
+        }
     }
 
     fn public_key(&self) -> &str {
@@ -126,6 +214,12 @@ struct Measured {
     routed_before_startup: usize,
     /// Connections the router closed for want of a ready endpoint.
     router_no_endpoint: u64,
+    /// When the change that started the rollout was applied.
+    change_at: Option<SystemTime>,
+    /// `/ws` upgrades Prometheus scraped from the scenario's pods.
+    scraped_upgrades: f64,
+    /// Every alert change Prometheus showed in the scenario's namespace.
+    alerts: Vec<AlertChange>,
     /// What the chatgate run must show and did not.
     problems: Vec<String>,
 }
@@ -228,7 +322,7 @@ impl Scenario {
     /// The scenario on a ChatService the operator manages.
     async fn chatgate(self, platform: &Platform) -> Result<Measured> {
         let Setup { ns, admin, op, .. } =
-            operator_in_new_namespace(&format!("e2e-{}", self.prefix())).await?;
+            platform.operator(&format!("e2e-{}", self.prefix())).await?;
         let result = self.chatgate_in(platform, &ns, &admin).await;
         op.stop().await;
         result
@@ -260,6 +354,7 @@ impl Scenario {
         };
         let changed = Instant::now();
         let change_at = SystemTime::now();
+        measured.change_at = Some(change_at);
         let patched = chat_services
             .patch(
                 "chat",
@@ -333,6 +428,13 @@ impl Scenario {
                 measured.routed_before_startup
             ));
         }
+        let must_fire: &[&str] = match self {
+            Scenario::Broken => &[STARTUP_FAILURE],
+            _ => &[],
+        };
+        platform
+            .observe_alerts(ns.name(), &mut measured, must_fire)
+            .await;
         Ok(measured)
     }
 
@@ -475,7 +577,7 @@ impl Scenario {
 /// drifts (it drops a critical service production requires); no new pod may be
 /// created, the clients of the running version see nothing.
 async fn drifting_staging(platform: &Platform) -> Result<Measured> {
-    let Setup { ns, admin, op, .. } = operator_in_new_namespace("e2e-drift").await?;
+    let Setup { ns, admin, op, .. } = platform.operator("e2e-drift").await?;
     let result = drifting_staging_in(platform, &ns, &admin).await;
     op.stop().await;
     result
@@ -519,7 +621,10 @@ async fn drifting_staging_in(
     wait_connected(&fleet).await?;
     tokio::time::sleep(SETTLE).await;
 
-    let mut measured = Measured::default();
+    let mut measured = Measured {
+        change_at: Some(SystemTime::now()),
+        ..Measured::default()
+    };
     let changed = Instant::now();
     let mut critical = staging.spec.critical_services.clone();
     critical.pop();
@@ -566,6 +671,7 @@ async fn drifting_staging_in(
     measured.fleet = fleet.finish(FINISH_WITHIN).await;
     measured.router_no_endpoint = router.no_endpoint();
     expect_no_failures(&mut measured);
+    platform.observe_alerts(ns.name(), &mut measured, &[]).await;
     Ok(measured)
 }
 
@@ -986,6 +1092,14 @@ fn table(scenario: Scenario, chatgate: &Measured, naive: Option<&Measured>) -> S
         }),
         ("time to ready", |m| seconds(m.time_to_ready)),
         ("time to `Stalled`", |m| seconds(m.time_to_stalled)),
+        ("`/ws` upgrades Prometheus scraped", |m| match m.change_at {
+            Some(_) => format!("{:.0}", m.scraped_upgrades),
+            None => "—".into(),
+        }),
+        ("alerts fired (after the change)", |m| {
+            alert_timeline(m, true)
+        }),
+        ("alerts pending, not fired", |m| alert_timeline(m, false)),
     ];
     for (name, cell) in rows {
         let _ = write!(out, "| {name} | {} |", cell(chatgate));
@@ -995,6 +1109,47 @@ fn table(scenario: Scenario, chatgate: &Measured, naive: Option<&Measured>) -> S
         out.push('\n');
     }
     out
+}
+
+/// The alerts that fired (`fired`), or went pending and never fired, each with when
+/// after the change it happened and, for fired ones, when it resolved.
+fn alert_timeline(m: &Measured, fired: bool) -> String {
+    let Some(start) = m.change_at else {
+        return "—".into();
+    };
+    let after = |at: SystemTime| {
+        let s = at
+            .duration_since(start)
+            .map_or_else(|e| -e.duration().as_secs_f64(), |d| d.as_secs_f64());
+        format!("{s:+.0} s")
+    };
+    let names: BTreeSet<&str> = m.alerts.iter().map(|c| c.alert.as_str()).collect();
+    let mut out = Vec::new();
+    for name in names {
+        let changes: Vec<&AlertChange> = m.alerts.iter().filter(|c| c.alert == name).collect();
+        let firing = changes.iter().find(|c| c.state == "firing");
+        match (fired, firing) {
+            (true, Some(f)) => {
+                let resolved = changes
+                    .iter()
+                    .find(|c| c.state == "inactive" && c.at > f.at)
+                    .map(|c| format!(", resolved {}", after(c.at)))
+                    .unwrap_or_default();
+                out.push(format!("{name} {}{resolved}", after(f.at)));
+            }
+            (false, None) => {
+                if let Some(p) = changes.iter().find(|c| c.state == "pending") {
+                    out.push(format!("{name} {}", after(p.at)));
+                }
+            }
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join("; ")
+    }
 }
 
 fn kinds(total: u64, by_kind: &std::collections::BTreeMap<String, u64>) -> String {

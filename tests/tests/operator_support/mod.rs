@@ -217,11 +217,23 @@ pub struct Setup {
 }
 
 pub async fn operator_in_new_namespace(prefix: &str) -> Result<Setup> {
+    operator_in_new_namespace_serving(prefix, "").await
+}
+
+/// As [`operator_in_new_namespace`], with the operator serving `/metrics` (and its
+/// health endpoints) on `http` (`127.0.0.1:PORT`; empty serves none).
+pub async fn operator_in_new_namespace_serving(prefix: &str, http: &str) -> Result<Setup> {
     let cp = ControlPlane::shared().await;
     install_crd(cp).await?;
     let ns = TestNamespace::new(cp, prefix).await?;
     let admin = cp.client();
-    let mut op = Operator::start(admin.clone(), ns.name(), "only");
+    let mut op = Operator::start_with(
+        admin.clone(),
+        Options {
+            http: http.to_owned(),
+            ..options(ns.name(), "only")
+        },
+    );
     op.wait_leading(TIMEOUT).await?;
     Ok(Setup { cp, ns, admin, op })
 }
