@@ -121,6 +121,9 @@ pub enum ErrorCode {
     StorageUnavailable,
     /// The pod running the run stopped before it finished; send the message again.
     RunInterrupted,
+    /// The socket's token expired; the socket closes with 1008 next. Reconnect
+    /// with a fresh token.
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -139,6 +142,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::RunInterrupted => "run_interrupted",
+            ErrorCode::TokenExpired => "token_expired",
         }
     }
 }

@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The user a verified token names (`sub`). Shared, because every frame of a
 /// connection and every agent run refer to it.
@@ -56,6 +56,18 @@ struct Subject {
     // Optional here so a token without `sub` is reported as a missing claim by
     // validation, not as a malformed token.
     sub: Option<String>,
+    /// Required by validation; read to end the socket when the token does.
+    #[serde(default)]
+    exp: Option<u64>,
+}
+
+/// A token that passed verification: the user it names, and when the access it
+/// grants ends — its `exp` plus the clock-skew leeway the upgrade also allowed
+/// (`None`: an `exp` beyond what the clock can represent).
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub user: UserId,
+    pub expires_at: Option<SystemTime>,
 }
 
 #[derive(Serialize)]
@@ -127,8 +139,8 @@ impl JwtVerifier {
         Ok((verifier, dev))
     }
 
-    /// Verifies a token and returns the user it names.
-    pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+    /// Verifies a token and returns the user it names and when its access ends.
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         let inner = &*self.inner;
         let key = match &inner.keys {
             Keys::One(key) => key,
@@ -150,7 +162,14 @@ impl JwtVerifier {
         if sub.is_empty() || sub.len() > MAX_SUBJECT_LEN || sub.chars().any(char::is_control) {
             return Err(AuthError::BadSubject);
         }
-        Ok(Arc::from(sub))
+        let exp = data.claims.exp.ok_or(AuthError::MissingClaim)?;
+        let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(
+            exp.saturating_add(inner.validation.leeway),
+        ));
+        Ok(Verified {
+            user: Arc::from(sub),
+            expires_at,
+        })
     }
 }
 
@@ -477,7 +496,29 @@ mod tests {
             "s",
             serde_json::json!({"sub":"u1","exp":now+60,"iss":"iss","aud":"aud"}),
         );
-        assert_eq!(&*v.verify(&t).unwrap(), "u1");
+        assert_eq!(&*v.verify(&t).unwrap().user, "u1");
+    }
+
+    #[test]
+    fn access_ends_at_exp_plus_the_leeway() {
+        let (v, _) = JwtVerifier::from_settings(&settings("s")).unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        let t = token(
+            "s",
+            serde_json::json!({"sub":"u1","exp":now+60,"iss":"iss","aud":"aud"}),
+        );
+        let leeway = settings("s").leeway.as_secs();
+        assert_eq!(
+            v.verify(&t).unwrap().expires_at,
+            Some(UNIX_EPOCH + Duration::from_secs(now + 60 + leeway))
+        );
+        // An `exp` past what the clock holds is accepted and never ends the socket;
+        // it must not panic.
+        let t = token(
+            "s",
+            serde_json::json!({"sub":"u1","exp":u64::MAX,"iss":"iss","aud":"aud"}),
+        );
+        assert_eq!(v.verify(&t).unwrap().expires_at, None);
     }
 
     #[test]
@@ -508,7 +549,7 @@ mod tests {
         s.key = JwtKeySource::GenerateDevSecret;
         let (v, dev) = JwtVerifier::from_settings(&s).unwrap();
         let dev = dev.unwrap();
-        assert_eq!(&*v.verify(&dev.token).unwrap(), "dev-user");
+        assert_eq!(&*v.verify(&dev.token).unwrap().user, "dev-user");
     }
 
     #[test]

@@ -17,8 +17,12 @@ use axum::extract::Request;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// The longest a token's expiry is waited for (a timer further out adds nothing: no
+/// socket lives that long, and an `Instant` that far ahead could overflow).
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Initial read buffer per socket. Chat frames are small; tungstenite grows the
@@ -32,6 +36,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY_VIOLATION: u16 = 1008;
     pub const NO_STATUS: u16 = 1005;
     pub const ABNORMAL: u16 = 1006;
     pub const INVALID_PAYLOAD: u16 = 1007;
@@ -65,8 +70,8 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
         Ok(c) => c,
         Err(e) => return tagged(e.into_response(), "unauthorized"),
     };
-    let user = match services.verifier.verify(&credentials.token) {
-        Ok(user) => user,
+    let auth::Verified { user, expires_at } = match services.verifier.verify(&credentials.token) {
+        Ok(verified) => verified,
         Err(e) => {
             debug!(reason = e.reason(), "upgrade refused");
             return tagged(e.into_response(), "unauthorized");
@@ -119,6 +124,7 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
                 app,
                 services,
                 user,
+                expires_at,
                 admission,
                 _slot: slot,
                 request_span: tracing::Span::current(),
@@ -178,6 +184,8 @@ struct Connection {
     app: Arc<App>,
     services: Arc<CriticalServices>,
     user: UserId,
+    /// When the token's access ends; the socket closes then (`None`: never).
+    expires_at: Option<SystemTime>,
     admission: Admission,
     /// The user's connection slot across pods; freed when the socket ends.
     _slot: Option<ConnectionSlot>,
@@ -247,6 +255,13 @@ impl Connection {
         let tick = tokio::time::sleep(tick_every);
         tokio::pin!(tick);
         let mut restarting = self.services.bridge.restarting();
+        let token_left = self.expires_at.map_or(MAX_TOKEN_WAIT, |at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_TOKEN_WAIT)
+        });
+        let token_expiry = tokio::time::sleep(token_left);
+        tokio::pin!(token_expiry);
         // Frames mark the socket as heard from; the clock is read only on ticks, not
         // on every frame.
         let mut heard = false;
@@ -265,6 +280,19 @@ impl Connection {
                         }
                     }
                     return Ending::ByServer(close_code::SERVICE_RESTART, "service restart");
+                }
+                _ = &mut token_expiry, if self.expires_at.is_some() => {
+                    // Access ends with the token: the client is told why, then the
+                    // socket closes with 1008 (policy violation), as RFC 6455 has it.
+                    let notice = ServerEvent::error(
+                        ErrorCode::TokenExpired,
+                        "your token expired; reconnect with a fresh token",
+                    );
+                    if self.deliver(socket, &notice).await.is_err() {
+                        return Ending::SlowReader;
+                    }
+                    info!("token expired; closing with 1008");
+                    return Ending::ByServer(close_code::POLICY_VIOLATION, "token expired");
                 }
                 incoming = socket.recv() => {
                     let message = match incoming {

@@ -638,3 +638,40 @@ async fn sigterm_during_a_run_tells_the_client_shutting_down_before_1012() {
         service.stderr()
     );
 }
+
+#[tokio::test]
+async fn a_socket_closes_with_1008_when_its_token_expires() {
+    let service = ServiceBuilder::new()
+        .env("CHATGATE_JWT_LEEWAY_SECONDS", "0")
+        .start()
+        .await;
+    let short = hs256(json!({
+        "sub": "erin", "exp": now() + 3, "iss": ISSUER, "aud": AUDIENCE,
+    }));
+    let mut socket = service.connect(&short).await.expect("accepted while valid");
+    assert_eq!(next_json(&mut socket).await["type"], "connected");
+    // A socket whose token lives on is not touched.
+    let mut lasting = service.connect_as("frank").await;
+
+    send_json(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut socket).await["type"], "pong");
+    let expired_at = std::time::Instant::now();
+    let notice = next_json(&mut socket).await;
+    assert_eq!(notice["type"], "error", "{notice}");
+    assert_eq!(notice["code"], "token_expired", "{notice}");
+    assert_eq!(close_code(&mut socket).await, 1008);
+    assert!(
+        expired_at.elapsed() < std::time::Duration::from_secs(5),
+        "closed {:?} after the ping, the token had 3 s",
+        expired_at.elapsed()
+    );
+    metric_reaches(&service, "chatgate_ws_closes_total{code=\"1008\"} 1").await;
+    metric_reaches(
+        &service,
+        "chatgate_ws_errors_total{code=\"token_expired\"} 1",
+    )
+    .await;
+
+    send_json(&mut lasting, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut lasting).await["type"], "pong");
+}
