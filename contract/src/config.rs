@@ -523,6 +523,42 @@ pub const KEYS: &[KeySpec] = &[
         description: "Agent runs a user may start per minute (pings are not limited).",
     },
     KeySpec {
+        key: "CHATGATE_MAX_CONCURRENT_RUNS",
+        kind: ValueKind::Integer {
+            min: 1,
+            max: 100_000,
+        },
+        default: Some("1024"),
+        secret: false,
+        required_in: &[],
+        required_when: None,
+        parity: ParityRule::Free,
+        description: "Agent runs one process executes at once; beyond it a message gets `error overloaded` and is not stored (send it again shortly).",
+    },
+    KeySpec {
+        key: "CHATGATE_RUN_TIMEOUT_SECONDS",
+        kind: ValueKind::Integer { min: 5, max: 3_600 },
+        default: Some("300"),
+        secret: false,
+        required_in: &[],
+        required_when: None,
+        parity: ParityRule::Free,
+        description: "Longest an agent run may take from start to its last reply chunk; a slower one ends with `error run_timeout` (the message stays stored).",
+    },
+    KeySpec {
+        key: "CHATGATE_MAX_REPLY_BYTES",
+        kind: ValueKind::Integer {
+            min: 1_024,
+            max: 16 * 1024 * 1024,
+        },
+        default: Some("262144"),
+        secret: false,
+        required_in: &[],
+        required_when: None,
+        parity: ParityRule::Free,
+        description: "Largest reply an agent run may stream; a longer one ends with `error reply_too_large` and is not stored.",
+    },
+    KeySpec {
         key: "CHATGATE_IDLE_TIMEOUT_SECONDS",
         kind: ValueKind::Integer {
             min: 5,

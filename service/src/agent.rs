@@ -73,6 +73,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::RunLimits;
 use crate::llm::{LlmClient, LlmRequest, PromptMessage, PromptRole, ToolResult};
 use crate::replicas::{Replicas, RunConflict};
 use crate::store::{
@@ -124,6 +125,12 @@ pub enum ErrorCode {
     /// The socket's token expired; the socket closes with 1008 next. Reconnect
     /// with a fresh token.
     TokenExpired,
+    /// This process runs as many agent runs as it may; the message was not stored.
+    Overloaded,
+    /// The run took longer than `CHATGATE_RUN_TIMEOUT_SECONDS`; the message is stored.
+    RunTimeout,
+    /// The reply grew past `CHATGATE_MAX_REPLY_BYTES`; it is not stored.
+    ReplyTooLarge,
 }
 
 impl ErrorCode {
@@ -143,6 +150,9 @@ impl ErrorCode {
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::RunInterrupted => "run_interrupted",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RunTimeout => "run_timeout",
+            ErrorCode::ReplyTooLarge => "reply_too_large",
         }
     }
 }
@@ -611,6 +621,7 @@ struct Inner {
     idle: Notify,
     slow_client_grace: Duration,
     page_bytes: usize,
+    limits: RunLimits,
     /// The other pods of this service (or just this process, with SQLite).
     replicas: Replicas,
 }
@@ -683,6 +694,7 @@ impl AgentSupervisor {
                 idle: Notify::new(),
                 slow_client_grace: DEFAULT_SLOW_CLIENT_GRACE,
                 page_bytes: DEFAULT_PAGE_BYTES,
+                limits: RunLimits::default(),
                 replicas: Replicas::single(),
             }),
         }
@@ -719,6 +731,15 @@ impl AgentSupervisor {
     pub fn with_page_bytes(mut self, bytes: usize) -> AgentSupervisor {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.page_bytes = bytes;
+        }
+        self
+    }
+
+    /// Sets the bounds on runs (concurrent runs, run time, reply size). Call before
+    /// cloning the supervisor.
+    pub fn with_run_limits(mut self, limits: RunLimits) -> AgentSupervisor {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.limits = limits;
         }
         self
     }
@@ -939,6 +960,23 @@ impl AgentSupervisor {
                     ErrorCode::InvalidField,
                     "the field `content` of user_message must be a non-empty string",
                 ),
+            );
+        }
+        // Checked before the message is stored, so a refused message leaves nothing
+        // half done: the client sends it again. (A soft cap: runs admitted at the
+        // same instant may pass it together.)
+        let max_concurrent = self.inner.limits.max_concurrent;
+        if self.active_runs() >= max_concurrent {
+            return deliver(
+                &out,
+                ServerEvent::Error {
+                    code: ErrorCode::Overloaded,
+                    message: format!(
+                        "this instance is running its maximum of {max_concurrent} agent runs; your message was not stored — send it again in a few seconds"
+                    ),
+                    run_id: None,
+                    thread_id,
+                },
             );
         }
         let run_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
@@ -1330,6 +1368,10 @@ impl Run {
     async fn steps(&self) -> Result<(), Stop> {
         let run_id = &self.run_id;
         let inner = &self.supervisor.inner;
+        // One deadline for the whole run, up to its last reply chunk (storing the
+        // reply after it has its own bounded retries).
+        let deadline = tokio::time::sleep(inner.limits.timeout);
+        tokio::pin!(deadline);
         self.emit(ServerEvent::AgentThinking {
             run_id: run_id.clone(),
         })
@@ -1387,6 +1429,7 @@ impl Run {
             // A client that went away while the provider thinks frees its run now,
             // not at the next event.
             _ = self.out.closed() => return Err(Stop::ClientGone),
+            _ = &mut deadline => return self.timed_out().await,
             stream = inner.llm.stream_reply(&request) => stream,
         };
         let mut stream = match stream {
@@ -1399,11 +1442,25 @@ impl Run {
                 biased;
                 _ = self.token.cancelled() => return Err(Stop::Cancelled),
                 _ = self.out.closed() => return Err(Stop::ClientGone),
+                _ = &mut deadline => return self.timed_out().await,
                 item = stream.next() => item,
             };
             match item {
                 None => break,
                 Some(Ok(delta)) => {
+                    let max = inner.limits.max_reply_bytes;
+                    if reply.len() + delta.len() > max {
+                        tracing::warn!(
+                            max_reply_bytes = max,
+                            "agent run stopped: the reply grew too large"
+                        );
+                        return self
+                            .emit(self.error(
+                                ErrorCode::ReplyTooLarge,
+                                format!("the reply grew past {max} bytes and was stopped; it is not stored — ask for a shorter answer"),
+                            ))
+                            .await;
+                    }
                     reply.push_str(&delta);
                     self.emit(ServerEvent::AgentResponse {
                         run_id: run_id.clone(),
@@ -1473,6 +1530,19 @@ impl Run {
                 result => return result,
             }
         }
+    }
+
+    async fn timed_out(&self) -> Result<(), Stop> {
+        let limit = self.supervisor.inner.limits.timeout.as_secs();
+        tracing::warn!(
+            run_timeout_seconds = limit,
+            "agent run stopped: it took too long"
+        );
+        self.emit(self.error(
+            ErrorCode::RunTimeout,
+            format!("the run took longer than {limit}s and was stopped; your message is stored — send it again with the same client_message_id"),
+        ))
+        .await
     }
 
     async fn llm_failed(&self, e: &crate::llm::LlmError) -> Result<(), Stop> {

@@ -122,7 +122,10 @@ pub fn service_of(key: &str) -> CriticalService {
         | "CHATGATE_SEND_QUEUE"
         | "CHATGATE_SEND_TIMEOUT_SECONDS"
         | "CHATGATE_ALLOWED_ORIGINS" => CriticalService::WsBridge,
-        "CHATGATE_RUNS_PER_MINUTE" => CriticalService::AgentSupervisor,
+        "CHATGATE_RUNS_PER_MINUTE"
+        | "CHATGATE_MAX_CONCURRENT_RUNS"
+        | "CHATGATE_RUN_TIMEOUT_SECONDS"
+        | "CHATGATE_MAX_REPLY_BYTES" => CriticalService::AgentSupervisor,
         // Process-wide keys (environment, listen address, protocol, logging,
         // timing) and unknown keys break the configuration itself.
         _ => CriticalService::Configuration,
@@ -193,6 +196,28 @@ pub struct BridgeSettings {
     pub allowed_origins: Vec<String>,
 }
 
+/// Bounds on agent runs, each ending a run (or refusing one) with its own error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Runs one process executes at once (`overloaded` beyond).
+    pub max_concurrent: usize,
+    /// From a run's start to its last reply chunk (`run_timeout`).
+    pub timeout: Duration,
+    /// Bytes of one streamed reply (`reply_too_large`).
+    pub max_reply_bytes: usize,
+}
+
+impl Default for RunLimits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        RunLimits {
+            max_concurrent: 1024,
+            timeout: Duration::from_secs(300),
+            max_reply_bytes: 262_144,
+        }
+    }
+}
+
 /// The validated, typed configuration: the `configuration` critical service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -204,6 +229,7 @@ pub struct ServiceConfig {
     pub llm: LlmSettings,
     pub bridge: BridgeSettings,
     pub runs_per_minute: u32,
+    pub run_limits: RunLimits,
     pub drain: Duration,
     pub startup_budget: Duration,
     /// Redacted key → value lines, for the startup log.
@@ -277,6 +303,20 @@ impl ServiceConfig {
                     .collect(),
             },
             runs_per_minute: parse.value("CHATGATE_RUNS_PER_MINUTE", 30),
+            run_limits: RunLimits {
+                max_concurrent: parse.value(
+                    "CHATGATE_MAX_CONCURRENT_RUNS",
+                    RunLimits::default().max_concurrent,
+                ),
+                timeout: Duration::from_secs(parse.value(
+                    "CHATGATE_RUN_TIMEOUT_SECONDS",
+                    RunLimits::default().timeout.as_secs(),
+                )),
+                max_reply_bytes: parse.value(
+                    "CHATGATE_MAX_REPLY_BYTES",
+                    RunLimits::default().max_reply_bytes,
+                ),
+            },
             drain: Duration::from_secs(parse.value("CHATGATE_DRAIN_SECONDS", 5)),
             startup_budget: Duration::from_secs(parse.value("CHATGATE_STARTUP_BUDGET_SECONDS", 60)),
             redacted: set.redacted(),

@@ -454,6 +454,12 @@ impl OpenAi {
 /// axum avoids a direct dependency on `bytes`.
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>;
 
+/// The longest line a reply stream may send before its newline, and the most `data:`
+/// one event may gather: far above any real chunk, low enough that a provider (or
+/// something posing as one) cannot make a run buffer without bound.
+pub const MAX_SSE_LINE_BYTES: usize = 1 << 20;
+pub const MAX_SSE_EVENT_BYTES: usize = 1 << 20;
+
 /// Incremental parser of a server-sent-events body of chat-completion chunks.
 struct SseState {
     body: ByteStream,
@@ -531,6 +537,10 @@ impl SseState {
 
     fn parse_lines(&mut self) {
         while let Some(pos) = self.buffer.iter().position(|&b| b == b'\n') {
+            if pos > MAX_SSE_LINE_BYTES && !self.finished {
+                self.over_cap(format!("a line over {MAX_SSE_LINE_BYTES} bytes"));
+                return;
+            }
             let mut line: Vec<u8> = self.buffer.drain(..=pos).collect();
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -547,9 +557,27 @@ impl SseState {
                     self.data.push('\n');
                 }
                 self.data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                if self.data.len() > MAX_SSE_EVENT_BYTES {
+                    self.over_cap(format!("an event over {MAX_SSE_EVENT_BYTES} bytes"));
+                    return;
+                }
             }
             // `event:`, `id:`, `retry:` and `:` comments carry nothing for us.
         }
+        if !self.finished && self.buffer.len() > MAX_SSE_LINE_BYTES {
+            self.over_cap(format!("a line over {MAX_SSE_LINE_BYTES} bytes"));
+        }
+    }
+
+    /// The stream broke a size cap: the run ends with `llm_unavailable` (the detail
+    /// goes to the log) and what was buffered is dropped.
+    fn over_cap(&mut self, what: String) {
+        self.finished = true;
+        self.buffer = Vec::new();
+        self.data = String::new();
+        self.pending.push_back(Err(LlmError::unavailable(format!(
+            "the reply stream sent {what}"
+        ))));
     }
 
     fn dispatch_event(&mut self) {
@@ -650,4 +678,54 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str) -> String {
+        format!(
+            "data: {}\n\n",
+            serde_json::json!({"choices": [{"delta": {"content": content}}]})
+        )
+    }
+
+    fn failure(items: &[Result<String, LlmError>]) -> Option<String> {
+        items
+            .iter()
+            .find_map(|i| i.as_ref().err().map(ToString::to_string))
+    }
+
+    #[test]
+    fn a_reply_within_the_caps_streams_whole() {
+        let body = format!("{}{}data: [DONE]\n\n", chunk("Hello"), chunk(", world"));
+        let items = parse_sse_body(&[body.as_bytes()]);
+        let deltas: Vec<&str> = items.iter().filter_map(|i| i.as_deref().ok()).collect();
+        assert_eq!(deltas, ["Hello", ", world"]);
+    }
+
+    #[test]
+    fn a_line_without_end_past_the_cap_ends_the_reply() {
+        // Sent in pieces, never a newline: the buffer must not grow past the cap.
+        let piece = vec![b'a'; 64 * 1024];
+        let pieces: Vec<&[u8]> = std::iter::repeat_n(piece.as_slice(), 17).collect();
+        let items = parse_sse_body(&pieces);
+        let failed = failure(&items).expect("an error");
+        assert!(failed.contains("a line over 1048576 bytes"), "{failed}");
+    }
+
+    #[test]
+    fn an_event_of_many_data_lines_past_the_cap_ends_the_reply() {
+        let line = format!("data: {}\n", "b".repeat(1000));
+        let mut body = chunk("first");
+        for _ in 0..1100 {
+            body.push_str(&line);
+        }
+        let items = parse_sse_body(&[body.as_bytes()]);
+        assert_eq!(items[0].as_deref().ok(), Some("first"));
+        let failed = failure(&items).expect("an error");
+        assert!(failed.contains("an event over 1048576 bytes"), "{failed}");
+        assert_eq!(items.len(), 2, "nothing after the error");
+    }
 }

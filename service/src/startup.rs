@@ -294,6 +294,7 @@ async fn run_phases(
     let t = timer.begin(StartupPhase::Supervisor);
     let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute)
         .with_page_bytes(config.bridge.max_message_bytes)
+        .with_run_limits(config.run_limits)
         .with_replicas(replicas.clone());
     timer.done(t);
 

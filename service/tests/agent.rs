@@ -11,6 +11,7 @@ use chatgate_service::agent::{
     AgentSupervisor, ClientRequest, DeliveryError, ErrorCode, ServerEvent, TOOL_NAME,
     parse_client_frame,
 };
+use chatgate_service::config::RunLimits;
 use chatgate_service::llm::LlmClient;
 use chatgate_service::store::{Role, ThreadStore};
 use openai_fixture::{Fixture, Scenario};
@@ -1044,4 +1045,100 @@ proptest::proptest! {
             Err(e) => proptest::prop_assert!(!e.message.is_empty()),
         }
     }
+}
+
+/// The harness with `limits` on its runs.
+async fn limited(fixture: &Fixture, limits: RunLimits) -> Harness {
+    let h = Harness::openai(fixture).await;
+    Harness {
+        supervisor: h.supervisor.with_run_limits(limits),
+        ..h
+    }
+}
+
+#[tokio::test]
+async fn a_run_past_its_deadline_ends_with_run_timeout_and_keeps_the_message() {
+    let fixture = Fixture::start(Scenario::Stall).await;
+    let h = limited(
+        &fixture,
+        RunLimits {
+            timeout: Duration::from_millis(500),
+            ..RunLimits::default()
+        },
+    )
+    .await;
+    let mut alice = Client::new("alice");
+    alice.say(&h, "take your time", None, Some("c-t")).await;
+    let events = alice.until_run_ends().await;
+    let ServerEvent::AgentStarted { thread_id, .. } = events[0].clone() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(error_code(events.last().unwrap()), ErrorCode::RunTimeout);
+    let stored = h.store.get_thread("alice", &thread_id).await.unwrap();
+    assert_eq!(stored.len(), 1, "the user's message stays stored, no reply");
+    tokio::time::timeout(PATIENCE, h.supervisor.wait_idle())
+        .await
+        .unwrap();
+    assert_eq!(h.supervisor.active_runs(), 0);
+}
+
+#[tokio::test]
+async fn a_reply_past_its_size_cap_ends_with_reply_too_large_and_is_not_stored() {
+    let fixture = Fixture::start(Scenario::Reply(vec!["x".repeat(700), "y".repeat(700)])).await;
+    let h = limited(
+        &fixture,
+        RunLimits {
+            max_reply_bytes: 1024,
+            ..RunLimits::default()
+        },
+    )
+    .await;
+    let mut alice = Client::new("alice");
+    alice.say(&h, "write a lot", None, None).await;
+    let events = alice.until_run_ends().await;
+    let ServerEvent::AgentStarted { thread_id, .. } = events[0].clone() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(error_code(events.last().unwrap()), ErrorCode::ReplyTooLarge);
+    let deltas: usize = events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::AgentResponse { delta, .. } => Some(delta.len()),
+            _ => None,
+        })
+        .sum();
+    assert!(deltas <= 1024, "{deltas} bytes were sent past the cap");
+    let stored = h.store.get_thread("alice", &thread_id).await.unwrap();
+    assert_eq!(stored.len(), 1, "the oversized reply is not stored");
+}
+
+#[tokio::test]
+async fn beyond_the_concurrent_run_cap_a_message_is_refused_overloaded_and_not_stored() {
+    let fixture = Fixture::start(Scenario::Stall).await;
+    let h = limited(
+        &fixture,
+        RunLimits {
+            max_concurrent: 1,
+            ..RunLimits::default()
+        },
+    )
+    .await;
+    let mut alice = Client::new("alice");
+    alice.say(&h, "a long one", None, None).await;
+    loop {
+        if alice.next().await.kind() == "agent_response" {
+            break;
+        }
+    }
+    let mut bob = Client::new("bob");
+    bob.say(&h, "me too", None, Some("c-b")).await;
+    assert_eq!(error_code(&bob.next().await), ErrorCode::Overloaded);
+    assert!(
+        h.store.list_threads("bob").await.unwrap().is_empty(),
+        "a refused message is not stored"
+    );
+    // Pings are not runs.
+    bob.send(&h, ClientRequest::Ping).await;
+    assert_eq!(bob.next().await.kind(), "pong");
+    h.supervisor.shutdown();
 }
