@@ -559,6 +559,16 @@ pub const KEYS: &[KeySpec] = &[
         description: "Largest reply an agent run may stream; a longer one ends with `error reply_too_large` and is not stored.",
     },
     KeySpec {
+        key: "CHATGATE_HEADER_TIMEOUT_SECONDS",
+        kind: ValueKind::Integer { min: 1, max: 120 },
+        default: Some("10"),
+        secret: false,
+        required_in: &[],
+        required_when: None,
+        parity: ParityRule::Free,
+        description: "A new connection must send its first request's headers within this many seconds, or it is closed (at most 1024 connections wait for theirs at once).",
+    },
+    KeySpec {
         key: "CHATGATE_IDLE_TIMEOUT_SECONDS",
         kind: ValueKind::Integer {
             min: 5,

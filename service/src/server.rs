@@ -14,7 +14,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use chatgate_contract::{
     ConfigSet, CriticalService, HealthReport, HealthState, ServiceState, paths,
 };
@@ -25,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 /// How long stopping agent runs and closing open sockets with 1012 may take,
 /// together, before the process exits anyway (the drain delay comes before this).
@@ -235,6 +234,86 @@ fn not_serving(app: &App) -> Response {
     ws::tagged(response, result)
 }
 
+/// Connections accepted that have not yet sent their first request's headers, at
+/// most: beyond it new connections wait in the kernel's accept queue.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// The accept loop. Unlike `axum::serve`, a connection must deliver its first
+/// request's headers within `header_timeout` (and later requests' headers too, once
+/// they start), and at most [`MAX_HANDSHAKES`] connections may be waiting to: a
+/// client that connects and sends nothing, or one byte a minute, cannot hold the
+/// process's sockets before it has even asked for `/ws`. On `shutdown` it stops
+/// accepting and lets open connections (upgraded WebSockets included) finish.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: wait instead of spinning.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        // Chat frames are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        let waiting = Arc::new(std::sync::Mutex::new(Some(permit)));
+        let service = {
+            let waiting = waiting.clone();
+            let router = router.clone();
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                // The headers are in: the connection's handshake slot is free.
+                waiting.lock().unwrap_or_else(|e| e.into_inner()).take();
+                tower::ServiceExt::oneshot(router.clone(), request.map(axum::body::Body::new))
+            })
+        };
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let connection = builder
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            // hyper's header timeout starts with the first byte; a connection that
+            // sends nothing at all is closed here (dropping it closes the socket).
+            tokio::select! {
+                _ = &mut connection => {}
+                _ = tokio::time::sleep(header_timeout) => {
+                    if waiting.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        debug!("closing a connection that sent no request headers in time");
+                        return;
+                    }
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// Runs the service to the end. Returns the process exit code.
 pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     logging::init(LogFormat::from_config(set.effective("CHATGATE_LOG_FORMAT")));
@@ -267,22 +346,18 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     info!(address = ?local, "listening");
 
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn({
-        let shutdown = shutdown.clone();
-        let router = router(app.clone());
-        async move {
-            let listener = listener.tap_io(|tcp| {
-                // Chat frames are small and latency matters more than packet count.
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                error!(error = %e, "HTTP server stopped");
-            }
-        }
-    });
+    let header_timeout = Duration::from_secs(
+        set.effective("CHATGATE_HEADER_TIMEOUT_SECONDS")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(10)
+            .max(1),
+    );
+    let server = tokio::spawn(serve(
+        listener,
+        router(app.clone()),
+        header_timeout,
+        shutdown.clone(),
+    ));
 
     let budget = set
         .effective("CHATGATE_STARTUP_BUDGET_SECONDS")

@@ -675,3 +675,55 @@ async fn a_socket_closes_with_1008_when_its_token_expires() {
     send_json(&mut lasting, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut lasting).await["type"], "pong");
 }
+
+/// Reads until the server closes the connection; false when it stays open past `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // hyper may answer a slow request with 408 first.
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn connections_that_do_not_send_their_headers_in_time_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let service = ServiceBuilder::new()
+        .env("CHATGATE_HEADER_TIMEOUT_SECONDS", "1")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    // One sends nothing at all; one starts a request and never finishes its headers.
+    let mut silent = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: chat\r\n")
+        .await
+        .unwrap();
+    let within = std::time::Duration::from_secs(5);
+    assert!(
+        closed_within(&mut silent, within).await,
+        "a silent connection stayed open"
+    );
+    assert!(
+        closed_within(&mut slow, within).await,
+        "a slow request stayed open"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+    // A WebSocket outlives the header timeout: only the handshake is bounded.
+    let mut socket = service.connect_as("gina").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    send_json(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut socket).await["type"], "pong");
+}
