@@ -428,6 +428,7 @@ mod tests {
         let process_wide = [
             "CHATGATE_ENV",
             "CHATGATE_LISTEN",
+            "CHATGATE_HEADER_TIMEOUT_SECONDS",
             "CHATGATE_PROTOCOL_VERSION",
             "CHATGATE_CRITICAL_SERVICES",
             "CHATGATE_DRAIN_SECONDS",
