@@ -199,6 +199,30 @@ pub fn free_loopback_ports(n: usize) -> Result<Vec<u16>> {
         .collect()
 }
 
+/// Runs `command` to the end: whether it succeeded, and its stdout then its stderr.
+/// For short tools (helm, promtool); panics, naming the command, when it cannot start.
+pub fn run_to_end(mut command: Command) -> (bool, String) {
+    let what = format!("{command:?}");
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// As [`run_to_end`], and the command must succeed: its output, or a panic naming the
+/// command and showing what it printed.
+pub fn run_ok(command: Command) -> String {
+    let what = format!("{command:?}");
+    let (ok, text) = run_to_end(command);
+    assert!(ok, "{what} failed:\n{text}");
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,9 @@
 //! PrometheusRule, the PodMonitor, ServiceMonitor and dashboard ConfigMap only when
 //! asked. Each check is also shown to fail on a broken input.
 
+use chatgate_tests::process::{run_ok, run_to_end};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -22,26 +23,6 @@ fn tool(name: &str) -> PathBuf {
     chatgate_tests::prom_tools::ensure_prom_tools()
         .expect("building the monitoring tools (hack/prom-tools.sh)")
         .join(name)
-}
-
-fn run(mut cmd: Command) -> (bool, String) {
-    let what = format!("{cmd:?}");
-    let out: Output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn run_ok(cmd: Command) -> String {
-    let what = format!("{cmd:?}");
-    let (ok, text) = run(cmd);
-    assert!(ok, "{what} failed:\n{text}");
-    text
 }
 
 fn promtool(args: &[&str]) -> Command {
@@ -107,7 +88,7 @@ fn alert_rules_check_and_pass_their_unit_tests() -> Result<()> {
             1,
         )
     })?;
-    let (ok, out) = run(promtool(&[
+    let (ok, out) = run_to_end(promtool(&[
         "check",
         "rules",
         dir.path().join("alerts.yaml").to_str().unwrap(),
@@ -153,7 +134,7 @@ fn alert_rules_check_and_pass_their_unit_tests() -> Result<()> {
         ),
     ] {
         let dir = broken_copy("alerts.yaml", |t| t.replacen(from, to, 1))?;
-        let (ok, out) = run(promtool(&[
+        let (ok, out) = run_to_end(promtool(&[
             "test",
             "rules",
             dir.path().join("alerts_test.yaml").to_str().unwrap(),
@@ -234,7 +215,7 @@ fn unparsable(queries: &[(String, String)]) -> Vec<String> {
         .iter()
         .filter_map(|(where_, expr)| {
             let expr = substitute(expr);
-            let (ok, out) = run(promtool(&["--experimental", "promql", "format", &expr]));
+            let (ok, out) = run_to_end(promtool(&["--experimental", "promql", "format", &expr]));
             (!ok).then(|| format!("{where_}: `{expr}`: {out}"))
         })
         .collect()
@@ -293,7 +274,7 @@ fn the_dashboard_lints_and_every_query_parses() -> Result<()> {
         let dir = broken_copy("dashboard.json", edit)?;
         let mut c = Command::new(tool("chatgate-dashlint"));
         c.arg(dir.path().join("dashboard.json"));
-        let (ok, out) = run(c);
+        let (ok, out) = run_to_end(c);
         assert!(!ok, "the linter passed a broken dashboard:\n{out}");
     }
     Ok(())
@@ -483,7 +464,7 @@ fn the_chart_renders_monitoring_only_when_asked() -> Result<()> {
     );
 
     // The schema refuses a mistyped value.
-    let (ok, out) = run(helm(&[
+    let (ok, out) = run_to_end(helm(&[
         "template",
         "chatgate",
         CHART,

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use chatgate_operator::crd::ChatService;
+use chatgate_tests::process::run_ok;
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -18,26 +19,13 @@ use operator_support::*;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/chatgate-operator");
 
-fn run_ok(mut cmd: std::process::Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_lints_renders_and_installs_under_restricted_pod_security() -> Result<()> {
     let cp = ControlPlane::shared().await;
 
     let mut lint = cp.helm();
     lint.args(["lint", "--strict", CHART]);
-    run_ok(lint, "helm lint");
+    run_ok(lint);
 
     let chart_crd =
         std::fs::read_to_string(format!("{CHART}/crds/chatservices.chatgate.dev.yaml"))?;
@@ -60,7 +48,7 @@ async fn the_chart_lints_renders_and_installs_under_restricted_pod_security() ->
         ns.name(),
         "--include-crds",
     ]);
-    let rendered = run_ok(template, "helm template");
+    let rendered = run_ok(template);
     for kind in [
         "CustomResourceDefinition",
         "ServiceAccount",
@@ -91,13 +79,13 @@ async fn the_chart_lints_renders_and_installs_under_restricted_pod_security() ->
         "--timeout",
         "120s",
     ]);
-    run_ok(install, "helm install");
+    run_ok(install);
     let mut status = cp.helm();
     status.args(["status", &release, "--namespace", ns.name()]);
-    assert!(run_ok(status, "helm status").contains("deployed"));
+    assert!(run_ok(status).contains("deployed"));
     let mut uninstall = cp.helm();
     uninstall.args(["uninstall", &release, "--namespace", ns.name(), "--wait"]);
-    run_ok(uninstall, "helm uninstall");
+    run_ok(uninstall);
     Ok(())
 }
 
@@ -155,7 +143,7 @@ fn render_rbac(cp: &ControlPlane, values: &[&str]) -> String {
         .args(["template", "chatgate", CHART, "--namespace", "ops"])
         .args(values.iter().flat_map(|v| ["--set-string", v]))
         .args(["--show-only", "templates/rbac.yaml"]);
-    run_ok(template, "helm template")
+    run_ok(template)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
