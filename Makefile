@@ -6,7 +6,7 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build run test unit-test lint fmt crds crds-check k8s-bins status-check prom-tools monitoring-check postgres cluster bench bench-operator e2e fuzz image image-push clean help
+.PHONY: all build run test unit-test lint deny fmt crds crds-check k8s-bins status-check prom-tools monitoring-check postgres cluster bench bench-operator e2e fuzz image image-push clean help
 
 all: build
 
@@ -42,8 +42,28 @@ test: k8s-bins status-check prom-tools postgres lint ## all tests: unit, service
 	$(CARGO) test --workspace --no-fail-fast
 	@cat target/e2e/rollout.md
 
-unit-test: ## tests that need no control plane (fast)
+# unit-test runs every test that needs neither a control plane nor PostgreSQL, on
+# loopback only:
+#   - every crate's unit tests (--lib --bins) and doctests (--doc);
+#   - operator/tests/* (render_cli, validate_cli, fuzz_corpus): the operator binary's
+#     offline commands;
+#   - service/tests/* but replicas.rs (agent, chat, cloud_run, fuzz_corpus, llm_openai,
+#     startup, store, ws, and any new file): the real service binary on loopback with
+#     SQLite and the local OpenAI stand-in.
+# Left out, and run by `make test`:
+#   - service/tests/replicas.rs and the `postgres::` tests of service/tests/store.rs:
+#     they start a real PostgreSQL server (chatgate_tests::Postgres, `make postgres`);
+#   - tests/tests/*: most run a real kube-apiserver (`make k8s-bins`); monitoring needs
+#     `make prom-tools`, status_readers `make status-check`, image the image tools;
+#     smoke needs no control plane but first builds every test binary of the
+#     workspace (`cargo test --workspace --no-run`), the ones just left out included.
+SERVICE_POSTGRES_TESTS := replicas
+SERVICE_LOOPBACK_TESTS := $(filter-out $(SERVICE_POSTGRES_TESTS),$(basename $(notdir $(wildcard service/tests/*.rs))))
+unit-test: ## every test that needs neither a control plane nor PostgreSQL
 	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test --workspace --doc
+	$(CARGO) test -p chatgate-operator --test '*'
+	$(CARGO) test -p chatgate-service $(addprefix --test ,$(SERVICE_LOOPBACK_TESTS)) -- --skip postgres::
 
 e2e: k8s-bins postgres ## the rollout proof: a client fleet through good, broken, slow and drifting rollouts, one table each
 	CHATGATE_TEST_IMAGES=release $(CARGO) test --workspace --test rollout -- --nocapture
@@ -52,9 +72,14 @@ FUZZ_SECONDS ?= 60
 fuzz: ## every fuzz target for FUZZ_SECONDS each (nightly; installs cargo-fuzz if absent)
 	hack/fuzz.sh $(FUZZ_SECONDS)
 
-lint: ## formatting and clippy, warnings are errors
+lint: ## formatting, clippy, rustdoc and the supply-chain check; warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+	hack/cargo-deny.sh check
+
+deny: ## the supply-chain check alone (deny.toml; advisories only with CHATGATE_ADVISORY_DB, see hack/cargo-deny.sh)
+	hack/cargo-deny.sh check
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -33,7 +33,7 @@ struct Args {
     /// Extra environment for the service, KEY=VALUE (repeatable).
     #[arg(long = "service-env", value_parser = parse_env)]
     service_env: Vec<(String, String)>,
-    /// `uvicorn` of a virtualenv with fastapi, uvicorn[standard], pyjwt, websockets.
+    /// `uvicorn` of a virtualenv with fastapi, `uvicorn[standard]`, pyjwt, websockets.
     #[arg(long)]
     peer_uvicorn: Option<PathBuf>,
     /// Directory holding `fastapi_ws.py`.

@@ -92,7 +92,7 @@ const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// How long to wait before retrying after the `failures`-th consecutive failure:
-/// exponential from [`RETRY_BASE`], capped at [`RETRY_CAP`], with "equal jitter" —
+/// exponential from `RETRY_BASE`, capped at `RETRY_CAP`, with "equal jitter" —
 /// somewhere in the upper half of that ceiling, chosen by `unit` (0.0..=1.0) — so
 /// ChatServices that failed together (an API server outage) do not retry together.
 pub fn retry_delay(failures: u32, unit: f64) -> Duration {

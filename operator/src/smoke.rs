@@ -24,7 +24,7 @@ pub const AGENT_EVENTS: [&str; 5] = [
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SmokeArgs {
-    /// The service's WebSocket URL: ws://HOST[:PORT]/ws or wss://HOST/ws. Its health
+    /// The service's WebSocket URL: `ws://HOST[:PORT]/ws` or `wss://HOST/ws`. Its health
     /// endpoint is the sibling path /health.
     #[arg(long)]
     pub url: String,

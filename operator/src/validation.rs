@@ -974,7 +974,7 @@ mod tests {
             let mut cs = from_spec(spec, "stg");
             if config_map.is_some() {
                 cs.spec.config_map_ref = Some(crate::crd::LocalObjectName { name: "cm".into() });
-                let mut b = match read.baseline.clone() { Some(Lookup::Found(b)) => b, _ => unreachable!() };
+                let Some(Lookup::Found(mut b)) = read.baseline.clone() else { unreachable!() };
                 b.resource.spec.config_map_ref = cs.spec.config_map_ref.clone();
                 let read = Dereferenced { baseline: Some(Lookup::Found(b)), ..read };
                 let parity = evaluate(&cs, &read).parity.expect("parity is checked");

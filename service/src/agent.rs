@@ -403,15 +403,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Err(not_an_object(text));
     }
-    let envelope: Envelope = serde_json::from_str(text).map_err(|e| explain(text, e))?;
-    let kind = match envelope.kind.as_deref() {
-        Some(kind) => kind,
-        None => {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidField,
-                format!("the field `type` is required and must be one of {KNOWN_TYPES}"),
-            ));
-        }
+    let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|e| explain(text, e))?;
+    let Some(kind) = envelope.kind.as_deref() else {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("the field `type` is required and must be one of {KNOWN_TYPES}"),
+        ));
     };
     if kind == "ping" {
         return Ok(ClientRequest::Ping);

@@ -622,7 +622,7 @@ impl SseState {
 }
 
 /// Parses a whole server-sent-events body, arriving in `chunks`, into what a run would
-/// see: the reply's deltas and at most one error, which ends it (as [`SseState`] yields
+/// see: the reply's deltas and at most one error, which ends it (as `SseState` yields
 /// them, without the network). The fuzz target `sse` and its corpus replay call this.
 pub fn parse_sse_body(chunks: &[&[u8]]) -> Vec<Result<String, LlmError>> {
     let mut state = SseState {

@@ -398,7 +398,7 @@ async fn retry_storage<T, F, Fut>(
 ) -> Result<T, StartupFailure>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Attempt>>,
+    Fut: Future<Output = Result<T, Attempt>>,
 {
     const PHASE: StartupPhase = StartupPhase::Storage;
     let mut backoff = Duration::from_millis(100);

@@ -565,7 +565,7 @@ impl ThreadStore {
     /// Closes every connection; later calls fail. For an orderly shutdown (SQLite
     /// checkpoints its WAL when the last connection closes).
     pub async fn close(&self) {
-        with_pool!(self, |pool| pool.close().await)
+        with_pool!(self, |pool| pool.close().await);
     }
 
     /// Checks that the database answers a trivial query.

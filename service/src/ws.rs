@@ -212,7 +212,7 @@ impl Connection {
             connection_id = %self.admission.connection_id,
             user_id = %self.user
         );
-        self.run(socket).instrument(span).await
+        self.run(socket).instrument(span).await;
     }
 
     async fn run(self, mut socket: WebSocket) {
@@ -392,7 +392,7 @@ impl Connection {
         let metrics = &self.app.metrics;
         match event {
             ServerEvent::AgentStarted { .. } | ServerEvent::AgentCompleted { .. } => {
-                metrics.agent_event(event.kind())
+                metrics.agent_event(event.kind());
             }
             ServerEvent::Error { code, .. } => metrics.error_sent(code.as_str()),
             _ => {}

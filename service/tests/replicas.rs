@@ -55,11 +55,12 @@ async fn run_events(socket: &mut Socket) -> Vec<Value> {
 /// Nothing more arrives within a short while (a duplicate would).
 async fn assert_quiet(socket: &mut Socket, who: &str) {
     use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     loop {
         match tokio::time::timeout_at(deadline, socket.next()).await {
             Err(_) => return,
-            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
+            Ok(Some(Ok(Message::Text(text)))) => {
                 panic!("{who} got an extra frame: {text}")
             }
             Ok(Some(Ok(_))) => continue,

@@ -4,7 +4,6 @@
 //! failures are worth waiting for.
 
 use chatgate_service::store::{PageLimit, Role, StoreError, ThreadStore};
-use chatgate_tests::Postgres;
 
 async fn file_store(dir: &tempfile::TempDir) -> ThreadStore {
     let url = format!("sqlite://{}", dir.path().join("chat.db").display());
@@ -390,150 +389,6 @@ async fn ping_answers_on_a_working_store() {
     memory_store().await.ping().await.unwrap();
 }
 
-/// Connects to a database of the test server, waiting out a server still starting.
-async fn connect_pg(url: &str) -> ThreadStore {
-    let mut attempts = 0;
-    loop {
-        match ThreadStore::connect(url).await {
-            Ok(store) => return store,
-            Err(e) if e.is_transient() && attempts < 200 => {
-                attempts += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("connect to the test PostgreSQL: {e}"),
-        }
-    }
-}
-
-fn postgres() -> Postgres {
-    Postgres::start().unwrap_or_else(|e| panic!("a PostgreSQL server for this test: {e:#}"))
-}
-
-#[tokio::test]
-async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
-    let pg = postgres();
-    let store = connect_pg(&pg.default_url()).await;
-    assert_eq!(store.backend(), "postgres");
-    store.ping().await.unwrap();
-
-    let posted = store
-        .post_user_message("alice", None, "hello postgres", Some("c-1"))
-        .await
-        .unwrap();
-    for i in 0..5 {
-        store
-            .append_message(
-                "alice",
-                &posted.thread_id,
-                Role::User,
-                &format!("m{i}"),
-                None,
-            )
-            .await
-            .unwrap();
-    }
-    store
-        .append_reply(
-            "alice",
-            &posted.thread_id,
-            "hi",
-            &posted.message.message_id,
-            "run-1",
-        )
-        .await
-        .unwrap();
-    let contents: Vec<String> = store
-        .get_thread("alice", &posted.thread_id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.content)
-        .collect();
-    assert_eq!(
-        contents,
-        vec!["hello postgres", "m0", "m1", "m2", "m3", "m4", "hi"]
-    );
-
-    assert_not_found(
-        store.get_thread("bob", &posted.thread_id).await,
-        &posted.thread_id,
-    );
-    assert_not_found(
-        store
-            .append_message("bob", &posted.thread_id, Role::User, "x", None)
-            .await,
-        &posted.thread_id,
-    );
-    assert!(store.list_threads("bob").await.unwrap().is_empty());
-
-    match store
-        .post_user_message("alice", None, "hello postgres", Some("c-1"))
-        .await
-    {
-        Err(StoreError::Duplicate { existing, .. }) => {
-            assert_eq!(existing.message_id, posted.message.message_id);
-            assert_eq!(existing.reply.unwrap().run_id, "run-1");
-        }
-        other => panic!("expected Duplicate, got {other:?}"),
-    }
-    assert_eq!(store.list_threads("alice").await.unwrap().len(), 1);
-
-    // A second connect finds the schema in place (migrations are recorded) and the data.
-    store.close().await;
-    let again = connect_pg(&pg.default_url()).await;
-    assert_eq!(
-        again
-            .get_thread("alice", &posted.thread_id)
-            .await
-            .unwrap()
-            .len(),
-        7
-    );
-}
-
-#[tokio::test]
-async fn replicas_starting_together_on_an_empty_database_all_migrate_it() {
-    let pg = postgres();
-    let url = pg.create_database("fresh").unwrap();
-    let connects: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { connect_pg(&url).await })
-        })
-        .collect();
-    let mut versions = Vec::new();
-    for connect in connects {
-        versions.push(connect.await.unwrap().schema_version());
-    }
-    let newest = versions[0];
-    assert!(newest >= 2, "{versions:?}");
-    assert!(versions.iter().all(|v| *v == newest), "{versions:?}");
-    let applied = pg
-        .psql(
-            "fresh",
-            "SELECT count(*) FROM _sqlx_migrations WHERE success",
-        )
-        .unwrap();
-    assert_eq!(applied, newest.to_string(), "each migration applied once");
-}
-
-#[tokio::test]
-async fn a_database_migrated_by_a_newer_version_still_opens() {
-    let pg = postgres();
-    let url = pg.create_database("ahead").unwrap();
-    connect_pg(&url).await.close().await;
-    // A newer pod applied a migration this binary does not know.
-    pg.psql(
-        "ahead",
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES (9999, 'from a newer version', true, '\\x00', 1)",
-    )
-    .unwrap();
-    let store = connect_pg(&url).await;
-    assert_eq!(store.schema_version(), 9999);
-    store.create_thread("alice", "still works").await.unwrap();
-}
-
 /// Pages of a thread too big for one frame: every message arrives exactly once, in
 /// order, no page over its byte budget (one oversized message alone excepted).
 async fn pages_cover_a_big_thread(store: &ThreadStore) {
@@ -657,10 +512,162 @@ async fn sqlite_pages_big_threads_and_long_lists() {
     pages_cover_many_threads(&store).await;
 }
 
-#[tokio::test]
-async fn postgres_pages_big_threads_and_long_lists() {
-    let pg = postgres();
-    let store = connect_pg(&pg.default_url()).await;
-    pages_cover_a_big_thread(&store).await;
-    pages_cover_many_threads(&store).await;
+/// The same store on a real PostgreSQL server (`chatgate_tests::Postgres`, which needs
+/// PostgreSQL's server binaries: `make postgres`). A module of its own so that
+/// `make unit-test` can leave out exactly these (`--skip postgres::`).
+mod postgres {
+    use super::*;
+    use chatgate_tests::Postgres;
+
+    /// Connects to a database of the test server, waiting out a server still starting.
+    async fn connect_pg(url: &str) -> ThreadStore {
+        let mut attempts = 0;
+        loop {
+            match ThreadStore::connect(url).await {
+                Ok(store) => return store,
+                Err(e) if e.is_transient() && attempts < 200 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connect to the test PostgreSQL: {e}"),
+            }
+        }
+    }
+
+    fn postgres() -> Postgres {
+        Postgres::start().unwrap_or_else(|e| panic!("a PostgreSQL server for this test: {e:#}"))
+    }
+
+    #[tokio::test]
+    async fn postgres_store_keeps_threads_per_user_in_order_and_once() {
+        let pg = postgres();
+        let store = connect_pg(&pg.default_url()).await;
+        assert_eq!(store.backend(), "postgres");
+        store.ping().await.unwrap();
+
+        let posted = store
+            .post_user_message("alice", None, "hello postgres", Some("c-1"))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            store
+                .append_message(
+                    "alice",
+                    &posted.thread_id,
+                    Role::User,
+                    &format!("m{i}"),
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .append_reply(
+                "alice",
+                &posted.thread_id,
+                "hi",
+                &posted.message.message_id,
+                "run-1",
+            )
+            .await
+            .unwrap();
+        let contents: Vec<String> = store
+            .get_thread("alice", &posted.thread_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
+        assert_eq!(
+            contents,
+            vec!["hello postgres", "m0", "m1", "m2", "m3", "m4", "hi"]
+        );
+
+        assert_not_found(
+            store.get_thread("bob", &posted.thread_id).await,
+            &posted.thread_id,
+        );
+        assert_not_found(
+            store
+                .append_message("bob", &posted.thread_id, Role::User, "x", None)
+                .await,
+            &posted.thread_id,
+        );
+        assert!(store.list_threads("bob").await.unwrap().is_empty());
+
+        match store
+            .post_user_message("alice", None, "hello postgres", Some("c-1"))
+            .await
+        {
+            Err(StoreError::Duplicate { existing, .. }) => {
+                assert_eq!(existing.message_id, posted.message.message_id);
+                assert_eq!(existing.reply.unwrap().run_id, "run-1");
+            }
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        assert_eq!(store.list_threads("alice").await.unwrap().len(), 1);
+
+        // A second connect finds the schema in place (migrations are recorded) and the data.
+        store.close().await;
+        let again = connect_pg(&pg.default_url()).await;
+        assert_eq!(
+            again
+                .get_thread("alice", &posted.thread_id)
+                .await
+                .unwrap()
+                .len(),
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_on_an_empty_database_all_migrate_it() {
+        let pg = postgres();
+        let url = pg.create_database("fresh").unwrap();
+        let connects: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { connect_pg(&url).await })
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for connect in connects {
+            versions.push(connect.await.unwrap().schema_version());
+        }
+        let newest = versions[0];
+        assert!(newest >= 2, "{versions:?}");
+        assert!(versions.iter().all(|v| *v == newest), "{versions:?}");
+        let applied = pg
+            .psql(
+                "fresh",
+                "SELECT count(*) FROM _sqlx_migrations WHERE success",
+            )
+            .unwrap();
+        assert_eq!(applied, newest.to_string(), "each migration applied once");
+    }
+
+    #[tokio::test]
+    async fn a_database_migrated_by_a_newer_version_still_opens() {
+        let pg = postgres();
+        let url = pg.create_database("ahead").unwrap();
+        connect_pg(&url).await.close().await;
+        // A newer pod applied a migration this binary does not know.
+        pg.psql(
+            "ahead",
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (9999, 'from a newer version', true, '\\x00', 1)",
+        )
+        .unwrap();
+        let store = connect_pg(&url).await;
+        assert_eq!(store.schema_version(), 9999);
+        store.create_thread("alice", "still works").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn postgres_pages_big_threads_and_long_lists() {
+        let pg = postgres();
+        let store = connect_pg(&pg.default_url()).await;
+        pages_cover_a_big_thread(&store).await;
+        pages_cover_many_threads(&store).await;
+    }
 }

@@ -9,7 +9,8 @@ use futures::{SinkExt, StreamExt};
 use openai_fixture::{Fixture, Scenario};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -18,17 +19,10 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 async fn upgrade_with(
     service: &Service,
     headers: &[(&str, &str)],
-) -> Result<
-    (
-        Socket,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    (u16, Value),
-> {
+) -> Result<(Socket, Response), (u16, Value)> {
     let mut request = service.ws_url().into_client_request().expect("request");
     for (name, value) in headers {
-        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
-            .expect("header name");
+        let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");
         request
             .headers_mut()
             .insert(name, HeaderValue::from_str(value).expect("header value"));

@@ -1,6 +1,9 @@
 //! Runs the real `chatgate-service` binary on a loopback port and talks to it
 //! over real HTTP and WebSocket connections.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of the shared helpers"
+)]
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;

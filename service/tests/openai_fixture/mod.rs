@@ -3,7 +3,10 @@
 //! the way the real API streams. The only mock in these tests: a remote LLM API
 //! cannot be run here. Each test scripts what the next request gets.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of the shared helpers"
+)]
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
