@@ -142,7 +142,7 @@ fn smoke(args: &SmokeArgs) -> ExitCode {
 }
 
 async fn run_operator(options: Options) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await?;
+    let client = chatgate_operator::run::api_client(kube::Config::infer().await?)?;
     let health = Arc::new(Health::default());
     run(
         client,

@@ -29,6 +29,13 @@ pub struct WriteLabels {
     pub kind: String,
 }
 
+/// Label of a failed watch request: the HTTP status the API server answered
+/// (`410` = the watch expired and the cache was listed again), or `transport`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchErrorLabels {
+    pub code: String,
+}
+
 /// One ChatService.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChatServiceLabels {
@@ -105,6 +112,8 @@ pub struct Metrics {
     pub writes: Family<WriteLabels, Counter>,
     /// 1 while this instance holds the leader lease.
     pub leader: Gauge,
+    /// Watch requests that failed, by HTTP status.
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
     conditions: Family<ConditionLabels, Gauge>,
     startup_failing: Family<ChatServiceLabels, Gauge>,
     startup_failures: Family<StartupFailureLabels, Counter>,
@@ -121,6 +130,7 @@ impl Default for Metrics {
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let writes = Family::<WriteLabels, Counter>::default();
         let leader = Gauge::default();
+        let watch_errors = Family::<WatchErrorLabels, Counter>::default();
         let conditions = Family::<ConditionLabels, Gauge>::default();
         let startup_failing = Family::<ChatServiceLabels, Gauge>::default();
         let startup_failures = Family::<StartupFailureLabels, Counter>::default();
@@ -178,6 +188,11 @@ impl Default for Metrics {
             "1 while this instance holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "watch_errors",
+            "Failed watch and list requests, by HTTP status (410: the watch expired and was listed again; transport: no answer)",
+            watch_errors.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -186,6 +201,7 @@ impl Default for Metrics {
             duration,
             writes,
             leader,
+            watch_errors,
             conditions,
             startup_failing,
             startup_failures,
@@ -220,6 +236,24 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// A watch or list request failed with `code` (an HTTP status, or `transport`).
+    pub fn watch_failed(&self, code: &str) {
+        self.watch_errors
+            .get_or_create(&WatchErrorLabels {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Failed watch requests so far with `code`.
+    pub fn watch_errors_with(&self, code: &str) -> u64 {
+        self.watch_errors
+            .get_or_create(&WatchErrorLabels {
+                code: code.to_owned(),
+            })
+            .get()
     }
 
     /// Records a ChatService's state after a reconcile: `status` is what was just

@@ -18,6 +18,7 @@ use axum::routing::get;
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
@@ -195,6 +196,53 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// How long one watch request lasts before the API server ends it and the watcher
+/// resumes from its last resource version. Short, so that traffic (an event, a
+/// bookmark, or the end) arrives well within [`API_READ_TIMEOUT`] on a healthy watch.
+const WATCH_TIMEOUT_SECONDS: u32 = 40;
+/// The longest the operator waits for the API server to send anything on a request.
+/// kube-client sets no read timeout, and the watcher's idle timeout starts only once
+/// a watch's response has begun: a watch request the API server accepts and never
+/// answers (as one may while its watch cache initializes after a restart) would
+/// otherwise stop that watch for good, silently.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(55);
+
+/// The controller's backoff over all its watches together: none, because each watch
+/// already backs off on its own (`default_backoff`). A shared one pauses every watch
+/// while any one fails: after an API server restart many fail at once, the shared
+/// pause grew past a minute, again and again, and the status stopped following the
+/// Deployments (`tests/tests/faults.rs`).
+struct EachWatchBacksOffAlone;
+
+impl Iterator for EachWatchBacksOffAlone {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for EachWatchBacksOffAlone {
+    fn reset(&mut self) {}
+}
+
+/// The watch parameters every watch of the operator uses.
+fn watch_config() -> watcher::Config {
+    watcher::Config::default()
+        .any_semantic()
+        .timeout(WATCH_TIMEOUT_SECONDS)
+}
+
+/// The operator's API client: `config` with a read timeout, so that no request,
+/// a watch's start included, can wait forever for an API server that never answers.
+pub fn api_client(mut config: kube::Config) -> anyhow::Result<Client> {
+    config.read_timeout = Some(API_READ_TIMEOUT);
+    // The timeout counts from the request, not from when a pooled connection last
+    // carried something.
+    config.reset_reader_on_write = true;
+    Ok(Client::try_from(config)?)
+}
+
 /// A watch of managed `K` objects, cached in a store, as a stream of changed objects.
 fn cached<K>(
     api: Api<K>,
@@ -206,9 +254,7 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let config = watcher::Config::default()
-        .labels(&managed_selector())
-        .any_semantic();
+    let config = watch_config().labels(&managed_selector());
     let stream = reflector::reflector(
         writer,
         watcher(api, config).default_backoff().modify(|o| {
@@ -308,11 +354,7 @@ async fn run_scope(
     let (listed_tx, listed) = watch::channel(false);
     let chat_services = reflector::reflector(
         cs_writer,
-        watcher(
-            api::<ChatService>(&client, ns),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff(),
+        watcher(api::<ChatService>(&client, ns), watch_config()).default_backoff(),
     )
     .inspect({
         let metrics = health.metrics.clone();
@@ -333,13 +375,13 @@ async fn run_scope(
     // watched as metadata only: their values never enter the operator's memory.
     let secrets = watcher(
         api::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default().any_semantic(),
+        watch_config(),
     )
     .default_backoff()
     .touched_objects();
     let referenced_config_maps = watcher(
         api::<PartialObjectMeta<ConfigMap>>(&client, ns),
-        watcher::Config::default().any_semantic(),
+        watch_config(),
     )
     .default_backoff()
     .touched_objects();
@@ -348,13 +390,10 @@ async fn run_scope(
     // Only changes are needed (the mapper finds the ChatServices comparing with
     // one), so no second cache of ChatServices is kept.
     let baselines = futures::stream::select_all(scopes.iter().map(|scope| {
-        watcher(
-            api::<ChatService>(&client, *scope),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff()
-        .touched_objects()
-        .boxed()
+        watcher(api::<ChatService>(&client, *scope), watch_config())
+            .default_backoff()
+            .touched_objects()
+            .boxed()
     }));
 
     let ready_stores = stores.clone();
@@ -423,6 +462,7 @@ async fn run_scope(
     let (s1, s2, s3) = (cs_store.clone(), cs_store.clone(), cs_store.clone());
     let running = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency))
+        .trigger_backoff(EachWatchBacksOffAlone)
         .owns_stream(cm_stream)
         .owns_stream(deploy_stream)
         .owns_stream(svc_stream)
@@ -443,12 +483,116 @@ async fn run_scope(
         })
         .reconcile_all_on(resync)
         .run(controller::reconcile, controller::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile trigger");
+        .for_each(|result| {
+            let metrics = health.metrics.clone();
+            async move {
+                match result {
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        watch_failed(&metrics, &e);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconcile trigger"),
+                    Ok(_) => {}
+                }
             }
         });
     running.await;
+}
+
+/// Holding the Lease, judged by its own record. kube-lease-manager keeps reporting
+/// "leader" while it cannot reach the API server, for as long as that lasts; past
+/// the Lease's expiry a standby may take over, and two instances would reconcile at
+/// once. So, like client-go's renew deadline, the leader reads its Lease every
+/// `every` and steps down once the last renewal it can see is `max_age` old
+/// (duration minus half the grace: before a standby may take over), then leads again
+/// only once a fresh renewal shows. An answer alone proves nothing: with etcd down
+/// the API server still answers reads from its cache, so the renewal time is what
+/// counts (written by this process's lease manager, so read against its own clock).
+struct Renewal {
+    every: Duration,
+    max_age: Duration,
+}
+
+impl Renewal {
+    /// How much longer this instance's lease stays fresh, if the API server shows it
+    /// held by `identity`; `None` when it shows another holder, no renewal, or cannot
+    /// be read.
+    /// A read that takes longer than `every` (as one does while etcd is down) counts
+    /// as no answer.
+    async fn fresh_for(&self, leases: &Api<Lease>, identity: &str) -> Option<Duration> {
+        let read = tokio::time::timeout(self.every, leases.get_opt(LEASE_NAME));
+        let lease = read.await.ok()?.ok()??;
+        let spec = lease.spec?;
+        if spec.holder_identity.as_deref() != Some(identity) {
+            return None;
+        }
+        let renewed = spec.renew_time?.0;
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
+        let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
+        self.max_age.checked_sub(age).filter(|left| !left.is_zero())
+    }
+
+    /// Waits until a fresh renewal by `identity` shows: true, or false if `stopped`
+    /// came first.
+    async fn confirm(
+        &self,
+        leases: &Api<Lease>,
+        identity: &str,
+        stopped: impl Future<Output = ()>,
+    ) -> bool {
+        let confirmed = async {
+            while self.fresh_for(leases, identity).await.is_none() {
+                tokio::time::sleep(self.every).await;
+            }
+        };
+        tokio::select! {
+            () = confirmed => true,
+            () = stopped => false,
+        }
+    }
+
+    /// Resolves once no fresh renewal has shown for `max_age`: the Lease may be
+    /// about to expire.
+    fn missed(&self, leases: Api<Lease>, identity: String) -> impl Future<Output = ()> + use<> {
+        let (every, max_age) = (self.every, self.max_age);
+        let renewal = Renewal { every, max_age };
+        async move {
+            let mut fresh_until = tokio::time::Instant::now() + max_age;
+            loop {
+                tokio::time::sleep(every).await;
+                if let Some(left) = renewal.fresh_for(&leases, &identity).await {
+                    fresh_until = tokio::time::Instant::now() + left;
+                } else if tokio::time::Instant::now() >= fresh_until {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Counts and logs a failed watch. Each watch retries on its own with backoff; an
+/// expired one (410 Gone) lists everything again, so nothing it missed is lost.
+fn watch_failed(metrics: &Metrics, error: &watcher::Error) {
+    let code = watch_error_code(error);
+    metrics.watch_failed(&code);
+    if code == "410" {
+        info!(error = %error, "a watch expired (410 Gone): listing again");
+    } else {
+        warn!(error = %error, code, "a watch failed; retrying with backoff");
+    }
+}
+
+/// The HTTP status a failed watch request was answered with, or `transport`.
+fn watch_error_code(error: &watcher::Error) -> String {
+    match error {
+        watcher::Error::WatchError(status) => status.code.to_string(),
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => match e {
+            kube::Error::Api(status) => status.code.to_string(),
+            _ => "transport".to_owned(),
+        },
+        _ => "transport".to_owned(),
+    }
 }
 
 /// Runs the operator until `shutdown` resolves: HTTP endpoints, leader election and,
@@ -498,15 +642,18 @@ pub async fn run(
     }
 
     let identity = options.identity();
+    let duration = options.lease_duration_seconds.max(2);
+    let grace = options.lease_grace_seconds.clamp(1, duration - 1);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &options.lease_namespace());
+    let renewal = Renewal {
+        every: Duration::from_secs(grace).div_f32(2.0),
+        max_age: Duration::from_secs(duration) - Duration::from_secs(grace).div_f32(2.0),
+    };
     let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(options.lease_namespace())
         .with_identity(identity.clone())
-        .with_duration(options.lease_duration_seconds.max(2))
-        .with_grace(
-            options
-                .lease_grace_seconds
-                .clamp(1, options.lease_duration_seconds.max(2) - 1),
-        )
+        .with_duration(duration)
+        .with_grace(grace)
         .with_field_manager(lease_field_manager(&identity))
         .build()
         .await?;
@@ -525,15 +672,22 @@ pub async fn run(
             }
             _ = stopped() => break,
         }
+        // The lease manager also says "leader" while it cannot reach the API server:
+        // confirm with the Lease itself before leading.
+        if !renewal.confirm(&leases, &identity, stopped()).await {
+            break;
+        }
         info!(%identity, "leading: starting the controller");
         health.leader.store(true, Ordering::SeqCst);
         health.metrics.leader.set(1);
         let mut lost = leading.clone();
         let lost_or_stopped = {
             let stopped = stopped();
+            let missed = renewal.missed(leases.clone(), identity.clone());
             async move {
                 tokio::select! {
                     _ = lost.wait_for(|l| !*l) => {}
+                    _ = missed => warn!("the Lease could not be confirmed within the renew deadline: stepping down"),
                     _ = stopped => {}
                 }
             }
@@ -626,7 +780,38 @@ async fn metrics(
 
 #[cfg(test)]
 mod tests {
-    use super::{Options, lease_field_manager};
+    use super::{Metrics, Options, lease_field_manager, watch_error_code, watcher};
+
+    #[test]
+    fn an_expired_watch_is_told_apart_from_other_watch_failures() {
+        let gone = kube::core::Status {
+            code: 410,
+            message: "too old resource version: 5 (9)".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            watch_error_code(&watcher::Error::WatchError(Box::new(gone.clone()))),
+            "410"
+        );
+        assert_eq!(
+            watch_error_code(&watcher::Error::WatchStartFailed(kube::Error::Api(
+                Box::new(gone)
+            ))),
+            "410"
+        );
+        assert_eq!(
+            watch_error_code(&watcher::Error::NoResourceVersion),
+            "transport"
+        );
+        let metrics = Metrics::default();
+        metrics.watch_failed("410");
+        assert_eq!(metrics.watch_errors_with("410"), 1);
+        assert!(
+            metrics
+                .encode()
+                .contains("chatgate_operator_watch_errors_total{code=\"410\"} 1")
+        );
+    }
 
     #[test]
     fn each_instance_acquires_the_lease_under_its_own_field_manager() {

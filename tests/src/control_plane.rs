@@ -33,6 +33,9 @@ pub const KWOK_NODE_ANNOTATION_VALUE: &str = "fake";
 pub const KWOK_NODE_LABEL: (&str, &str) = ("type", "kwok");
 /// The admin user's name; its certificate is in group `system:masters`.
 pub const ADMIN_USER: &str = "chatgate-admin";
+/// The names [`ControlPlane::stop_process`] and [`ControlPlane::start_process`] take.
+pub const ETCD: &str = "etcd";
+pub const KUBE_APISERVER: &str = "kube-apiserver";
 
 /// The API server may take a while on two busy cores; one failed start is retried.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,6 +69,7 @@ pub struct ControlPlane {
     bin_dir: PathBuf,
     kubeconfig_path: PathBuf,
     server: String,
+    etcd_port: u16,
     ca: CertificateAuthority,
     admin_config: Config,
     fake_nodes: Vec<String>,
@@ -139,6 +143,7 @@ impl ControlPlane {
                     bin_dir: bin_dir.to_owned(),
                     kubeconfig_path: ready.kubeconfig_path,
                     server: ready.server,
+                    etcd_port: ready.etcd_port,
                     ca: ready.ca,
                     admin_config: ready.admin_config,
                     fake_nodes: ready.fake_nodes,
@@ -312,6 +317,79 @@ impl ControlPlane {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// Stops one component (SIGTERM, then SIGKILL after `grace`), leaving the others
+    /// running and its data in place: a fault, for tests that prove what survives it.
+    pub fn stop_process(&self, name: &str, grace: Duration) -> Result<()> {
+        self.with_process(name, |p| {
+            p.stop(grace);
+            Ok(())
+        })
+    }
+
+    /// Starts a component stopped by [`Self::stop_process`] again, as it first ran
+    /// (same ports, data and certificates), and waits until the API server answers
+    /// `/readyz` again.
+    pub async fn start_process(&self, name: &str) -> Result<()> {
+        self.with_process(name, ManagedProcess::start_again)?;
+        let etcd_port = self.etcd_port;
+        wait_until(READY_TIMEOUT, "etcd /health to answer 200", || async move {
+            Ok(http_get_ok(etcd_port, "/health").await.then_some(()))
+        })
+        .await?;
+        let probe = self.client();
+        wait_until(
+            READY_TIMEOUT,
+            "kube-apiserver /readyz to answer 200",
+            || {
+                let probe = probe.clone();
+                async move {
+                    let req = http::Request::get("/readyz").body(Vec::new())?;
+                    Ok(probe.request_text(req).await.ok().map(|_| ()))
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Writes a key of etcd's own, outside the API server's prefix, so that etcd's
+    /// revision moves on: an API server started after this cannot serve a watch from
+    /// a resource version seen before it (the client gets `410 Gone` and lists again).
+    /// Returns the new revision.
+    pub async fn advance_etcd_revision(&self) -> Result<u64> {
+        let url = format!("http://127.0.0.1:{}/v3/kv/put", self.etcd_port);
+        let body = serde_json::json!({
+            "key": BASE64.encode("/chatgate-tests/revision"),
+            "value": BASE64.encode(format!("{:?}", Instant::now())),
+        });
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("writing a key through etcd's gateway ({url})"))?
+            .json()
+            .await?;
+        answer["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| anyhow!("etcd's put answer has no revision: {answer}"))
+    }
+
+    fn with_process<T>(
+        &self,
+        name: &str,
+        act: impl FnOnce(&mut ManagedProcess) -> Result<T>,
+    ) -> Result<T> {
+        let mut processes = self.lock_processes();
+        let process = processes
+            .iter_mut()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| anyhow!("this control plane runs no process named {name}"))?;
+        act(process)
+    }
+
     fn lock_processes(&self) -> MutexGuard<'_, Vec<ManagedProcess>> {
         self.processes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -373,6 +451,7 @@ struct Starting {
 struct Ready {
     kubeconfig_path: PathBuf,
     server: String,
+    etcd_port: u16,
     ca: CertificateAuthority,
     admin_config: Config,
     fake_nodes: Vec<String>,
@@ -457,7 +536,7 @@ impl Starting {
             arg("unsafe-no-fsync", &"true"),
             arg("log-level", &"warn"),
         ]);
-        self.spawn("etcd", etcd, &logs)?;
+        self.spawn(ETCD, etcd, &logs)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         self.until(deadline, "etcd /health to answer 200", || async {
             Ok(http_get_ok(etcd_port, "/health").await.then_some(()))
@@ -487,7 +566,7 @@ impl Starting {
             // named here so the intent survives a change of defaults.
             arg("enable-admission-plugins", &"PodSecurity,ServiceAccount"),
         ]);
-        self.spawn("kube-apiserver", apiserver, &logs)?;
+        self.spawn(KUBE_APISERVER, apiserver, &logs)?;
         let probe = Client::try_from(admin_config.clone())?;
         self.until(deadline, "kube-apiserver /readyz to answer 200", || {
             let probe = probe.clone();
@@ -579,6 +658,7 @@ impl Starting {
         Ok(Ready {
             kubeconfig_path,
             server,
+            etcd_port,
             ca,
             admin_config,
             fake_nodes,

@@ -9,6 +9,7 @@
 //! from one dedicated thread that lives as long as the program (a test thread
 //! that spawned it would end with its test and take the control plane with it).
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -56,51 +57,72 @@ pub struct ManagedProcess {
     child: Child,
     log_path: PathBuf,
     stopped: bool,
+    /// How it was started, so that [`Self::start_again`] starts it the same way.
+    recipe: Recipe,
+}
+
+/// What a [`Command`] runs, kept because starting a `Command` spends it.
+#[derive(Debug, Clone)]
+struct Recipe {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, Option<OsString>)>,
+    dir: Option<PathBuf>,
+}
+
+impl Recipe {
+    fn of(command: &Command) -> Self {
+        Self {
+            program: command.get_program().to_owned(),
+            args: command.get_args().map(OsStr::to_owned).collect(),
+            envs: command
+                .get_envs()
+                .map(|(k, v)| (k.to_owned(), v.map(OsStr::to_owned)))
+                .collect(),
+            dir: command.get_current_dir().map(Path::to_owned),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        for (key, value) in &self.envs {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        command
+    }
 }
 
 impl ManagedProcess {
     /// Starts `command` with stdout and stderr appended to `log_path`, in its own
     /// process group (so a Ctrl-C meant for the test run reaches the harness, which
     /// then stops the control plane in order) and with a parent-death signal.
-    pub fn spawn(name: &str, mut command: Command, log_path: &Path) -> Result<Self> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let log_err = log.try_clone()?;
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died between fork and prctl; then nobody
-                // would ever stop this process.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let program = command.get_program().to_string_lossy().into_owned();
-        let child = on_spawner_thread(move || command.spawn())
-            .with_context(|| format!("starting {name} ({program})"))?;
+    pub fn spawn(name: &str, command: Command, log_path: &Path) -> Result<Self> {
+        let recipe = Recipe::of(&command);
+        let child = spawn_logged(name, command, log_path)?;
         Ok(Self {
             name: name.to_owned(),
             child,
             log_path: log_path.to_owned(),
             stopped: false,
+            recipe,
         })
+    }
+
+    /// Starts the process again as it was first started (program, arguments,
+    /// environment, log), stopping it first if it still runs: a component restarted
+    /// in place, for fault tests.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.stop(Duration::from_secs(5));
+        self.child = spawn_logged(&self.name, self.recipe.command(), &self.log_path)?;
+        self.stopped = false;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -160,6 +182,43 @@ impl ManagedProcess {
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log_path, lines)
     }
+}
+
+/// Starts `command` with its output appended to `log_path`, in its own process group
+/// and with a parent-death signal (see the module documentation for why).
+fn spawn_logged(name: &str, mut command: Command, log_path: &Path) -> Result<Child> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_err = log.try_clone()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl; then nobody
+            // would ever stop this process.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let program = command.get_program().to_string_lossy().into_owned();
+    on_spawner_thread(move || command.spawn())
+        .with_context(|| format!("starting {name} ({program})"))
 }
 
 impl Drop for ManagedProcess {
@@ -257,5 +316,37 @@ mod tests {
             !Path::new(&format!("/proc/{pid}")).exists(),
             "pid {pid} survived"
         );
+    }
+
+    #[test]
+    fn a_process_started_again_runs_as_it_first_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("s.log");
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "echo \"up with $CHATGATE_WORD\"; exec sleep 600"])
+            .env("CHATGATE_WORD", "the same environment");
+        let lines = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tail(&log, 5).lines().count() < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tail(&log, 5)
+        };
+        let mut process = ManagedProcess::spawn("sleeper", command, &log).unwrap();
+        let first = process.pid();
+        assert_eq!(lines(1), "up with the same environment");
+        process.stop(Duration::from_secs(5));
+        assert!(process.exit_status().is_some());
+        process.start_again().unwrap();
+        let second = process.pid();
+        assert_ne!(first, second);
+        assert!(process.exit_status().is_none(), "it runs again");
+        assert_eq!(
+            lines(2),
+            "up with the same environment\nup with the same environment"
+        );
+        drop(process);
+        assert!(!Path::new(&format!("/proc/{second}")).exists());
     }
 }

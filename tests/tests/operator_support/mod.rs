@@ -173,6 +173,11 @@ impl Operator {
         }
     }
 
+    /// True while its task runs: it has neither ended nor been stopped or killed.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Waits until it leads and its watches have synced; on timeout the error says
     /// what the operator last reported, or how it ended.
     pub async fn wait_leading(&mut self, timeout: Duration) -> Result<()> {
