@@ -1007,6 +1007,7 @@ impl AgentSupervisor {
             refund: false,
             shared_allowance: false,
             recorded: false,
+            ended: AtomicBool::new(false),
         };
         let runs_per_minute = self.runs_per_minute();
         if self.inner.replicas.is_shared() && runs_per_minute > 0 {
@@ -1210,9 +1211,30 @@ struct Registration {
     shared_allowance: bool,
     /// The run is in the shared registry of runs in progress.
     recorded: bool,
+    /// [`Registration::end`] has run.
+    ended: AtomicBool,
 }
 
 impl Registration {
+    /// Takes the run out of this pod's registry and the shared one, before its last
+    /// event goes out: a client that has seen the run end and sends `cancel` then
+    /// gets `not_found`, instead of reaching a run that is gone and never answers
+    /// (the registries used to be cleared only after the last event).
+    async fn end(&self) {
+        if self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.supervisor
+            .unregister(&self.user_id, &self.run_id, false);
+        if self.recorded {
+            self.supervisor
+                .inner
+                .replicas
+                .finish_run(&self.run_id)
+                .await;
+        }
+    }
+
     /// Unregisters a run that will not execute; `refund` gives the rate-limit slot back.
     fn abandon(mut self, refund: bool) {
         self.refund = refund;
@@ -1221,16 +1243,19 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.supervisor
-            .unregister(&self.user_id, &self.run_id, self.refund);
+        let ended = *self.ended.get_mut();
+        if !ended {
+            self.supervisor
+                .unregister(&self.user_id, &self.run_id, self.refund);
+        }
         let refund = self.refund && self.shared_allowance;
-        if (refund || self.recorded)
+        let recorded = self.recorded && !ended;
+        if (refund || recorded)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let replicas = self.supervisor.inner.replicas.clone();
             let runs_per_minute = self.supervisor.runs_per_minute();
-            let (user_id, run_id, recorded) =
-                (self.user_id.clone(), self.run_id.clone(), self.recorded);
+            let (user_id, run_id) = (self.user_id.clone(), self.run_id.clone());
             runtime.spawn(async move {
                 if recorded {
                     replicas.finish_run(&run_id).await;
@@ -1291,6 +1316,7 @@ impl Run {
                     ErrorCode::RunInterrupted,
                     "the run stopped because the connection that started it went away; the message is stored — send it again with the same client_message_id".to_owned(),
                 );
+                self.end_before(&event).await;
                 self.fan_out(&event).await;
             }
             Err(Stop::Cancelled) => {
@@ -1306,6 +1332,7 @@ impl Run {
                     )
                 };
                 let event = self.error(code, message.to_owned());
+                self.end_before(&event).await;
                 // Best effort: the connection may be going away too.
                 let _ = self.out.try_send(event.clone());
                 self.fan_out(&event).await;
@@ -1325,6 +1352,7 @@ impl Run {
 
     /// Sends one event, waiting a bounded time for room in the queue.
     async fn emit(&self, event: ServerEvent) -> Result<(), Stop> {
+        self.end_before(&event).await;
         let grace = self.supervisor.inner.slow_client_grace;
         tokio::select! {
             biased;
@@ -1340,6 +1368,17 @@ impl Run {
         }
     }
 
+    /// Ends the run's registration before `event` goes out when `event` is its last:
+    /// its completion or an error (a run's errors all end it).
+    async fn end_before(&self, event: &ServerEvent) {
+        if matches!(
+            event,
+            ServerEvent::AgentCompleted { .. } | ServerEvent::Error { .. }
+        ) {
+            self.registration.end().await;
+        }
+    }
+
     /// Sends an event of this run to the user's other sockets, on every pod.
     async fn fan_out(&self, event: &ServerEvent) {
         self.supervisor
@@ -1351,6 +1390,7 @@ impl Run {
 
     /// Like [`emit`](Self::emit), for the last event of a run whose outcome is settled.
     async fn emit_uncancellable(&self, event: ServerEvent) -> Result<(), Stop> {
+        self.end_before(&event).await;
         let grace = self.supervisor.inner.slow_client_grace;
         match tokio::time::timeout(grace, self.out.reserve()).await {
             Ok(Ok(permit)) => {

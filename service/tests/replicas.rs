@@ -114,6 +114,17 @@ async fn a_users_sockets_on_every_pod_see_each_run_event_once_and_in_order() {
                 "a socket on {who} sees the run exactly as its sender"
             );
         }
+        // A run seen to end is gone everywhere at once: a cancel sent the moment
+        // its last event arrives is answered, here and on the other pod.
+        let run_id = sent.last().map(|e| e["run_id"].clone()).unwrap_or_default();
+        for (socket, who) in [
+            (&mut sender, "the run's pod"),
+            (&mut other_pod, "the other pod"),
+        ] {
+            send_json(socket, json!({"type": "cancel", "run_id": run_id})).await;
+            let answer = next_json(socket).await;
+            assert_eq!(answer["code"], "not_found", "{who}: {answer}");
+        }
     }
     assert_quiet(&mut same_pod, "the same pod's socket").await;
     assert_quiet(&mut other_pod, "the other pod's socket").await;
