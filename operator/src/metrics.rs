@@ -408,17 +408,20 @@ impl Metrics {
         }
     }
 
+    /// Writes of `kind` (`children`, `status`) made so far.
+    pub fn writes_of(&self, kind: &str) -> u64 {
+        self.writes
+            .get_or_create(&WriteLabels {
+                kind: kind.to_owned(),
+            })
+            .get()
+    }
+
     /// Writes made so far, all kinds.
     pub fn total_writes(&self) -> u64 {
         ["children", "status"]
             .iter()
-            .map(|k| {
-                self.writes
-                    .get_or_create(&WriteLabels {
-                        kind: (*k).to_owned(),
-                    })
-                    .get()
-            })
+            .map(|k| self.writes_of(k))
             .sum()
     }
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use chatgate_operator::crd::ChatService;
 use chatgate_operator::meta;
-use chatgate_operator::metrics::WriteLabels;
 use chatgate_tests::control_plane::{ETCD, KUBE_APISERVER};
 use chatgate_tests::{ControlPlane, ControlPlaneOptions, TestNamespace, wait_for, wait_until};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -81,14 +80,7 @@ impl Fixture {
 
     /// The operator's writes of children so far.
     fn children_writes(&self) -> u64 {
-        self.op
-            .health
-            .metrics
-            .writes
-            .get_or_create(&WriteLabels {
-                kind: "children".to_owned(),
-            })
-            .get()
+        self.op.health.metrics.writes_of("children")
     }
 
     /// Changes the ChatService's image: a change to the Deployment only.

@@ -780,14 +780,7 @@ async fn an_operator_killed_between_children_and_status_is_taken_over_without_a_
         Operator::start_with(cp.client_with_token(&token)?, options(ns.name(), "second"));
     second.wait_leading(TIMEOUT).await?;
     wait_for(&chat_services, "chat", TIMEOUT, ready_now).await?;
-    let children_writes = second
-        .health
-        .metrics
-        .writes
-        .get_or_create(&chatgate_operator::metrics::WriteLabels {
-            kind: "children".to_owned(),
-        })
-        .get();
+    let children_writes = second.health.metrics.writes_of("children");
     assert_eq!(children_writes, 0, "the successor re-applied children");
     assert_eq!(
         deployments.get("chat").await?.metadata.generation,
