@@ -507,6 +507,7 @@ async fn run_scope(
 /// only once a fresh renewal shows. An answer alone proves nothing: with etcd down
 /// the API server still answers reads from its cache, so the renewal time is what
 /// counts (written by this process's lease manager, so read against its own clock).
+#[derive(Clone, Copy)]
 struct Renewal {
     every: Duration,
     max_age: Duration,
@@ -552,18 +553,14 @@ impl Renewal {
 
     /// Resolves once no fresh renewal has shown for `max_age`: the Lease may be
     /// about to expire.
-    fn missed(&self, leases: Api<Lease>, identity: String) -> impl Future<Output = ()> + use<> {
-        let (every, max_age) = (self.every, self.max_age);
-        let renewal = Renewal { every, max_age };
-        async move {
-            let mut fresh_until = tokio::time::Instant::now() + max_age;
-            loop {
-                tokio::time::sleep(every).await;
-                if let Some(left) = renewal.fresh_for(&leases, &identity).await {
-                    fresh_until = tokio::time::Instant::now() + left;
-                } else if tokio::time::Instant::now() >= fresh_until {
-                    return;
-                }
+    async fn missed(self, leases: Api<Lease>, identity: String) {
+        let mut fresh_until = tokio::time::Instant::now() + self.max_age;
+        loop {
+            tokio::time::sleep(self.every).await;
+            if let Some(left) = self.fresh_for(&leases, &identity).await {
+                fresh_until = tokio::time::Instant::now() + left;
+            } else if tokio::time::Instant::now() >= fresh_until {
+                return;
             }
         }
     }

@@ -12,6 +12,17 @@ async fn file_store(dir: &tempfile::TempDir) -> ThreadStore {
         .expect("open a SQLite file")
 }
 
+/// The contents of alice's thread `thread_id`, oldest first.
+async fn thread_contents(store: &ThreadStore, thread_id: &str) -> Vec<String> {
+    store
+        .get_thread("alice", thread_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect()
+}
+
 async fn memory_store() -> ThreadStore {
     ThreadStore::connect("sqlite::memory:")
         .await
@@ -143,13 +154,7 @@ async fn messages_come_back_in_the_order_they_were_appended() {
             .await
             .unwrap();
     }
-    let contents: Vec<String> = store
-        .get_thread("alice", &thread.thread_id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.content)
-        .collect();
+    let contents = thread_contents(&store, &thread.thread_id).await;
     let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(contents, expected);
 
@@ -182,13 +187,7 @@ async fn concurrent_appends_to_one_thread_all_land_once() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    let mut contents: Vec<String> = store
-        .get_thread("alice", &thread.thread_id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.content)
-        .collect();
+    let mut contents = thread_contents(&store, &thread.thread_id).await;
     contents.sort();
     let mut expected: Vec<String> = (0..16).map(|i| format!("m{i}")).collect();
     expected.sort();
@@ -571,13 +570,7 @@ mod postgres {
             )
             .await
             .unwrap();
-        let contents: Vec<String> = store
-            .get_thread("alice", &posted.thread_id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.content)
-            .collect();
+        let contents = thread_contents(&store, &posted.thread_id).await;
         assert_eq!(
             contents,
             vec!["hello postgres", "m0", "m1", "m2", "m3", "m4", "hi"]
