@@ -8,8 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 /// Longest a server may take to answer `/health/startup` with 200.
@@ -124,7 +122,8 @@ impl Server {
                     self.stderr_tail()
                 );
             }
-            if let Ok(Ok(200)) = tokio::time::timeout(PROBE_TIMEOUT, http_status(self.addr)).await {
+            let probe = chatgate_tests::http::get(self.addr, "/health/startup");
+            if let Ok(Ok((200, _))) = tokio::time::timeout(PROBE_TIMEOUT, probe).await {
                 return Ok(());
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
@@ -160,53 +159,4 @@ impl Drop for Server {
 fn free_loopback_addr() -> Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?)
-}
-
-/// Status code of `GET /health/startup`, over a fresh HTTP/1.1 connection.
-async fn http_status(addr: SocketAddr) -> Result<u16> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let request =
-        format!("GET /health/startup HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = Vec::with_capacity(64);
-    let mut buf = [0u8; 256];
-    // The status line fits in the first few reads; stop at its end or at 1 KiB.
-    while !head.contains(&b'\n') && head.len() < 1024 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    parse_status_line(&head)
-}
-
-fn parse_status_line(head: &[u8]) -> Result<u16> {
-    let line = std::str::from_utf8(head)?
-        .lines()
-        .next()
-        .unwrap_or_default();
-    let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/1.") => Ok(code.parse()?),
-        _ => bail!("not an HTTP response: {line:?}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_line_gives_the_code() {
-        assert_eq!(
-            parse_status_line(b"HTTP/1.1 503 Service Unavailable\r\n").unwrap(),
-            503
-        );
-        assert_eq!(
-            parse_status_line(b"HTTP/1.1 200 OK\r\ncontent-length: 2").unwrap(),
-            200
-        );
-        assert!(parse_status_line(b"SSH-2.0").is_err());
-    }
 }

@@ -15,9 +15,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, PostParams};
-use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::config::{
+    AuthInfo, Cluster, Context as KubeContext, KubeConfigOptions, Kubeconfig, NamedAuthInfo,
+    NamedCluster, NamedContext,
+};
 use kube::{Client, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bins::{self, K8S_VERSION};
 use crate::pki::{CertificateAuthority, ServiceAccountKey};
@@ -505,14 +507,14 @@ impl Starting {
         let sa_private = write(&pki, "sa.key", &sa_key.private_pem)?;
         let sa_public = write(&pki, "sa.pub", &sa_key.public_pem)?;
 
-        let kubeconfig_yaml = kubeconfig(&server, ca.cert_pem(), &admin.cert_pem, &admin.key_pem);
+        let admin_kubeconfig = kubeconfig(&server, ca.cert_pem(), &admin.cert_pem, &admin.key_pem);
+        let kubeconfig_yaml =
+            serde_norway::to_string(&admin_kubeconfig).context("writing the kubeconfig")?;
         let kubeconfig_path = write(dir, "kubeconfig", &kubeconfig_yaml)?;
-        let admin_config = Config::from_custom_kubeconfig(
-            Kubeconfig::from_yaml(&kubeconfig_yaml)?,
-            &KubeConfigOptions::default(),
-        )
-        .await
-        .context("reading the generated kubeconfig")?;
+        let admin_config =
+            Config::from_custom_kubeconfig(admin_kubeconfig, &KubeConfigOptions::default())
+                .await
+                .context("reading the generated kubeconfig")?;
 
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -716,34 +718,46 @@ fn write(dir: &Path, name: &str, content: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Name of the cluster, the user's context and the current context in the kubeconfig.
+const KUBECONFIG_CONTEXT: &str = "chatgate-local";
+
 /// A kubeconfig for the admin, with every credential inline so the file can be
 /// copied anywhere.
-fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: chatgate-local
-  cluster:
-    server: {server}
-    certificate-authority-data: {ca}
-users:
-- name: {ADMIN_USER}
-  user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-contexts:
-- name: chatgate-local
-  context:
-    cluster: chatgate-local
-    user: {ADMIN_USER}
-    namespace: default
-current-context: chatgate-local
-",
-        ca = BASE64.encode(ca_pem),
-        cert = BASE64.encode(cert_pem),
-        key = BASE64.encode(key_pem),
-    )
+fn kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Kubeconfig {
+    Kubeconfig {
+        api_version: Some("v1".into()),
+        kind: Some("Config".into()),
+        clusters: vec![NamedCluster {
+            name: KUBECONFIG_CONTEXT.into(),
+            cluster: Some(Cluster {
+                server: Some(server.into()),
+                certificate_authority_data: Some(BASE64.encode(ca_pem)),
+                ..Cluster::default()
+            }),
+            ..NamedCluster::default()
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: ADMIN_USER.into(),
+            auth_info: Some(AuthInfo {
+                client_certificate_data: Some(BASE64.encode(cert_pem)),
+                client_key_data: Some(BASE64.encode(key_pem).into()),
+                ..AuthInfo::default()
+            }),
+            ..NamedAuthInfo::default()
+        }],
+        contexts: vec![NamedContext {
+            name: KUBECONFIG_CONTEXT.into(),
+            context: Some(KubeContext {
+                cluster: KUBECONFIG_CONTEXT.into(),
+                user: Some(ADMIN_USER.into()),
+                namespace: Some("default".into()),
+                ..KubeContext::default()
+            }),
+            ..NamedContext::default()
+        }],
+        current_context: Some(KUBECONFIG_CONTEXT.into()),
+        ..Kubeconfig::default()
+    }
 }
 
 /// A node for kwok to manage: annotated so kwok picks it up, labelled for
@@ -797,24 +811,11 @@ fn node_schedulable(node: &Node) -> bool {
     ready && !tainted
 }
 
-/// `GET http://127.0.0.1:<port><path>` answered 200 (etcd speaks plain HTTP here,
-/// and a client library for one request is not worth a dependency).
+/// `GET http://127.0.0.1:<port><path>` answered 200 within 2 s.
 async fn http_get_ok(port: u16, path: &str) -> bool {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await?;
-        Ok::<bool, std::io::Error>(head.starts_with(b"HTTP/1.1 200"))
-    };
     matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Ok(true))
+        tokio::time::timeout(Duration::from_secs(2), crate::http::get_local(port, path)).await,
+        Ok(Ok((200, _)))
     )
 }
 
@@ -879,7 +880,10 @@ mod tests {
 
     #[test]
     fn the_kubeconfig_carries_the_server_and_inline_credentials() {
-        let yaml = kubeconfig("https://127.0.0.1:6443", "CA", "CERT", "KEY");
+        // Round-trip through the file format, as kubectl and helm read it.
+        let yaml =
+            serde_norway::to_string(&kubeconfig("https://127.0.0.1:6443", "CA", "CERT", "KEY"))
+                .unwrap();
         let parsed = Kubeconfig::from_yaml(&yaml).unwrap();
         let cluster = parsed.clusters[0].cluster.as_ref().unwrap();
         assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));

@@ -17,6 +17,7 @@
 pub mod bins;
 pub mod control_plane;
 pub mod fleet;
+pub mod http;
 pub mod image;
 pub mod local;
 pub mod namespace;

@@ -61,7 +61,6 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::control_plane::ControlPlane;
@@ -1316,11 +1315,14 @@ impl ProbeState {
         };
         let path = get.path.clone().unwrap_or_else(|| "/".into());
         let timeout = Duration::from_secs(self.probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        let result = tokio::time::timeout(timeout, http_status(address, &path)).await;
+        let result = tokio::time::timeout(timeout, crate::http::probe(address, &path)).await;
         let outcome = match result {
             Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
             Ok(Ok(code)) => Err(format!("HTTP probe failed with statuscode: {code}")),
-            Ok(Err(e)) => Err(format!("Get \"http://{address}{path}\": {e}")),
+            Ok(Err(e)) => Err(format!(
+                "Get \"http://{address}{path}\": {}",
+                e.root_cause()
+            )),
             Err(_) => Err(format!(
                 "Get \"http://{address}{path}\": timeout after {timeout:?}"
             )),
@@ -1340,20 +1342,4 @@ impl ProbeState {
             }
         }
     }
-}
-
-/// `GET path` on `address` (a loopback address); the response's status code.
-pub async fn http_status(address: SocketAddr, path: &str) -> std::io::Result<u16> {
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: kube-probe/chatgate-node-agent\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = vec![0u8; 64];
-    let n = stream.read(&mut head).await?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {line:?}")))
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chatgate_contract::build_info;
+use chatgate_tests::http::probe as http_status;
 use chatgate_tests::image::{
     Bundle, ContainerSpec, Image, Images, Mount, MountSource, tools_dir, unpack, workspace_root,
 };
-use chatgate_tests::node_agent::http_status;
 use chatgate_tests::process::{ManagedProcess, free_loopback_ports};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};

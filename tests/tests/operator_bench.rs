@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use chatgate_operator::crd::ChatService;
 use chatgate_operator::meta;
+use chatgate_tests::http::get_local as http_get;
 use chatgate_tests::{ControlPlane, TestNamespace, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -28,7 +29,6 @@ use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use operator_support::status_log::{Side, StatusLog, lags, quantile};
 use operator_support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WRITE_VERBS: &[&str] = &["POST", "PUT", "PATCH", "APPLY", "DELETE"];
 const RESOURCES: &[&str] = &[
@@ -66,28 +66,6 @@ fn operator_binary() -> Result<PathBuf> {
         }
     }
     bail!("no chatgate-operator binary: cargo build --release -p chatgate-operator")
-}
-
-async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("status line")?;
-    Ok((
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    ))
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -4,43 +4,21 @@
 
 mod operator_support;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use chatgate_operator::crd::ChatService;
 use chatgate_operator::run::{LEASE_NAME, lease_field_manager};
+use chatgate_tests::http::get_local as http_get;
 use chatgate_tests::{ControlPlane, TestNamespace, wait_for, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams};
 use operator_support::*;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free loopback port (bound once, then released for the operator to bind).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
     l.local_addr().expect("its address").port()
-}
-
-/// `GET http://127.0.0.1:port/path` → (status code, body).
-async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("an HTTP status line")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {

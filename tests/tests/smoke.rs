@@ -92,18 +92,8 @@ impl Service {
 
 /// The status code of a plain HTTP GET on loopback, or `None` while nothing answers.
 fn http_status(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    tcp.read_exact(&mut head).ok()?;
-    String::from_utf8_lossy(&head[9..12]).parse::<u16>().ok()?;
-    Some(String::from_utf8_lossy(&head[9..12]).into_owned())
+    let (status, _) = chatgate_tests::http::get_local_blocking(port, path).ok()?;
+    Some(status.to_string())
 }
 
 fn smoke(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
