@@ -176,12 +176,9 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    // The lease library logs every renewal at info; its warnings are what matter.
+    chatgate_logging::init(
+        chatgate_logging::LogFormat::from_config(Some(format)),
+        "info,kube_lease_manager=warn",
+    );
 }

@@ -12,9 +12,11 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod fuzzing;
-pub mod logging;
 pub mod metrics;
 pub mod replicas;
 pub mod server;
 pub mod startup;
 pub mod ws;
+
+/// The log line format, shared with the operator.
+pub use chatgate_logging as logging;

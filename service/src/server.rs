@@ -316,7 +316,10 @@ async fn serve(
 
 /// Runs the service to the end. Returns the process exit code.
 pub async fn run(set: ConfigSet, started: Instant) -> i32 {
-    logging::init(LogFormat::from_config(set.effective("CHATGATE_LOG_FORMAT")));
+    logging::init(
+        LogFormat::from_config(set.effective("CHATGATE_LOG_FORMAT")),
+        "info",
+    );
     let termination_log = set
         .effective("CHATGATE_TERMINATION_LOG")
         .unwrap_or(paths::DEFAULT_TERMINATION_LOG)

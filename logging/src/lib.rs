@@ -1,6 +1,8 @@
-//! Logs: human-readable text, or one JSON object per line with `severity`,
-//! `message` and `time` — the fields Google Cloud Logging (and most collectors)
-//! read without a parser. `RUST_LOG` filters as usual (default `info`).
+//! The log lines of both chatgate binaries, the service and the operator, in one
+//! schema: human-readable text, or one JSON object per line with `severity`,
+//! `message`, `time` and `target` — the fields Google Cloud Logging (and most
+//! collectors) read without a parser — plus the event's fields and those of the spans
+//! it happened in. `RUST_LOG` filters as usual; each binary gives its default.
 //!
 //! On Cloud Run (or Knative) each JSON line also carries what Cloud Logging uses to
 //! group and correlate it: `serviceContext` from `K_SERVICE`/`K_REVISION`, and,
@@ -15,7 +17,9 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::{
+    FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter, SubscriberBuilder,
+};
 use tracing_subscriber::registry::LookupSpan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +29,8 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    /// From `CHATGATE_LOG_FORMAT`; an invalid value falls back to text here and
-    /// is reported by configuration validation a moment later.
+    /// From `CHATGATE_LOG_FORMAT` or the operator's `--log-format`; an invalid value
+    /// falls back to text here and is reported by the caller's validation.
     pub fn from_config(value: Option<&str>) -> LogFormat {
         match value.map(str::trim) {
             Some("json") => LogFormat::Json,
@@ -144,21 +148,40 @@ impl CloudTrace {
 }
 
 /// Installs the global subscriber. Called once, before anything logs.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// `default_filter` applies when `RUST_LOG` is unset or invalid (e.g. `info`).
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // A second init (tests in one process) is harmless; ignore it.
     let _ = match format {
-        LogFormat::Text => builder.with_target(false).try_init(),
-        LogFormat::Json => builder
-            .fmt_fields(JsonFields::new())
-            .event_format(CloudJson {
-                context: CloudContext::from_env(std::env::vars()),
-            })
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
             .try_init(),
+        LogFormat::Json => json_lines(
+            filter,
+            CloudContext::from_env(std::env::vars()),
+            std::io::stderr,
+        )
+        .try_init(),
     };
+}
+
+/// The JSON-lines subscriber, writing to `writer`: the one place the schema is wired.
+fn json_lines<W>(
+    filter: EnvFilter,
+    context: CloudContext,
+    writer: W,
+) -> SubscriberBuilder<JsonFields, CloudJson, EnvFilter, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .fmt_fields(JsonFields::new())
+        .event_format(CloudJson { context })
 }
 
 /// One JSON object per event: `time`, `severity`, `message`, the event's other
@@ -256,6 +279,64 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    /// Lines written to memory, for reading back what a subscriber printed.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_json_line_has_the_schema_fields_its_own_and_its_spans() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = json_lines(
+            EnvFilter::new("info"),
+            CloudContext::from_env(env(&[("K_SERVICE", "chat")])),
+            move || writer.clone(),
+        )
+        .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("reconcile", object = "ns/chat", trace_id = "abc");
+            let _entered = span.enter();
+            tracing::warn!(attempt = 3, "stepping down");
+            tracing::debug!("filtered out at info");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "one line per event at or above the filter: {text}"
+        );
+        let line: Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line["severity"], "WARNING");
+        assert_eq!(line["message"], "stepping down");
+        assert_eq!(line["attempt"], 3);
+        assert_eq!(line["object"], "ns/chat");
+        assert_eq!(line["logging.googleapis.com/trace"], "abc");
+        assert_eq!(line["serviceContext"]["service"], "chat");
+        assert!(
+            line["target"]
+                .as_str()
+                .unwrap()
+                .starts_with("chatgate_logging")
+        );
+        let time = line["time"].as_str().unwrap();
+        assert!(
+            time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "time is RFC 3339: {time}"
+        );
     }
 
     #[test]
