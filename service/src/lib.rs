@@ -4,6 +4,7 @@
 // Chat backend: persistence, LLM providers, agent runs.
 pub mod agent;
 pub mod llm;
+pub mod protocol;
 pub mod store;
 
 pub mod auth;

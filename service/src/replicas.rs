@@ -21,7 +21,7 @@
 //! restarting), events of runs on other pods do not reach that pod's sockets; those
 //! runs' replies are still stored, and `get_thread` shows them.
 
-use crate::agent::{ErrorCode, ServerEvent};
+use crate::protocol::{ErrorCode, ServerEvent};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPool};
 use std::collections::{HashMap, VecDeque};

@@ -5,10 +5,10 @@
 //! chat: the agent event queue is created on the first chat request, so an idle
 //! socket costs its task, its small read buffer and a few counters.
 
-use crate::agent::{self, ClientRequest, ErrorCode, ServerEvent};
 use crate::auth::{self, UserId};
 use crate::bridge::{Admission, OverLimit};
 use crate::chat::{ChatLane, LaneEvent, Submitted};
+use crate::protocol::{self, ClientRequest, ErrorCode, ServerEvent};
 use crate::replicas::{ConnectionSlot, Delivery};
 use crate::server::App;
 use crate::startup::CriticalServices;
@@ -358,7 +358,7 @@ impl Connection {
 
     /// Handles one text frame; returns the frame to answer with directly, if any.
     fn on_text(&self, text: &str, lane: &mut Option<ChatLane>) -> Option<ServerEvent> {
-        match agent::parse_client_frame(text) {
+        match protocol::parse_client_frame(text) {
             Ok(ClientRequest::Ping) => Some(ServerEvent::pong_now()),
             Ok(request) => {
                 let lane = lane.get_or_insert_with(|| {
