@@ -31,7 +31,6 @@ pub struct CriticalServices {
     pub store: ThreadStore,
     /// The other pods sharing the store (just this process with SQLite).
     pub replicas: Replicas,
-    pub llm: LlmClient,
     pub bridge: WsBridge,
     pub supervisor: AgentSupervisor,
     _built_by_startup: BuiltByStartup,
@@ -292,7 +291,7 @@ async fn run_phases(
     timer.done(t);
 
     let t = timer.begin(StartupPhase::Supervisor);
-    let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute)
+    let supervisor = AgentSupervisor::new(store.clone(), llm, config.runs_per_minute)
         .with_page_bytes(config.bridge.max_message_bytes)
         .with_run_limits(config.run_limits)
         .with_replicas(replicas.clone());
@@ -328,7 +327,6 @@ async fn run_phases(
         verifier,
         store,
         replicas,
-        llm,
         bridge,
         supervisor,
         _built_by_startup: BuiltByStartup,

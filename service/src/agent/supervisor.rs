@@ -164,7 +164,7 @@ impl AgentSupervisor {
     /// Runs with the other pods sharing the database: run events go to the user's
     /// sockets on every pod, `cancel` reaches runs on other pods, and the run rate
     /// limit counts the user's runs on all of them.
-    pub fn with_replicas(mut self, replicas: Replicas) -> AgentSupervisor {
+    pub(crate) fn with_replicas(mut self, replicas: Replicas) -> AgentSupervisor {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.replicas = replicas.clone();
         }
