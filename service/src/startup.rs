@@ -14,6 +14,7 @@ use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::replicas::Replicas;
 use crate::store::ThreadStore;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chatgate_contract::{
     ConfigSet, CriticalService, HealthReport, HealthState, PhaseReport, PhaseStatus, ServiceReport,
     ServiceState, StartupPhase, TerminationMessage,
@@ -399,7 +400,13 @@ where
     Fut: Future<Output = Result<T, Attempt>>,
 {
     const PHASE: StartupPhase = StartupPhase::Storage;
-    let mut backoff = Duration::from_millis(100);
+    // Not jittered: each pod waits on its own, and the waits are what
+    // `/health/startup` and the log show.
+    let mut backoffs = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build();
     loop {
         // One attempt may not take the whole budget: a black-holed host would
         // otherwise hide every retry from /health/startup.
@@ -415,10 +422,10 @@ where
                 attempt_limit.as_secs()
             ),
         };
+        let backoff = backoffs.next().unwrap_or(Duration::from_secs(2));
         warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "the thread store is not usable yet; retrying");
         timer.progress.retrying(PHASE, error);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
         timer.progress.again(PHASE);
         timer.metrics.phase_attempt(PHASE);
     }

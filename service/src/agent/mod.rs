@@ -51,6 +51,11 @@
 //! * [`AgentSupervisor::shutdown`] refuses new runs (`error shutting_down`) and
 //!   cancels every running one; [`AgentSupervisor::wait_idle`] waits for them.
 //!
+//! Per-user state (rate limiter, active runs) lives in sharded maps, so runs of
+//! different users rarely touch the same lock and nothing is locked on `ping`.
+//!
+//! The requests and events are the wire types of [`crate::protocol`]; `supervisor`
+//! admits, tracks and cancels runs, and `run` is one run's steps.
 
 mod run;
 mod supervisor;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,14 @@ pub const TOOL_NAME: &str = "word_count";
 /// How long a finished run keeps trying to store its reply while the database is
 /// unreachable (a restart, a failover) before it reports `storage_unavailable`.
 const REPLY_STORE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The waits between attempts to store a reply: jittered, so the runs that lost the
+/// database together do not all come back at the same instant.
+const REPLY_STORE_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(1))
+    .without_max_times()
+    .with_jitter();
 
 /// Messages of the thread (including the new one) sent to the LLM as context.
 const HISTORY_MESSAGES: u32 = 20;
@@ -304,26 +313,20 @@ impl Run {
     async fn store_reply(&self, reply: &str) -> Result<StoredMessage, StoreError> {
         let store = &self.supervisor.inner.store;
         let deadline = Instant::now() + REPLY_STORE_PATIENCE;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match store
-                .append_reply(
-                    &self.user_id,
-                    &self.thread_id,
-                    reply,
-                    &self.message_id,
-                    &self.run_id,
-                )
-                .await
-            {
-                Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
-                    tracing::warn!(error = %e, "storing the reply failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                result => return result,
-            }
-        }
+        (|| {
+            store.append_reply(
+                &self.user_id,
+                &self.thread_id,
+                reply,
+                &self.message_id,
+                &self.run_id,
+            )
+        })
+        .retry(REPLY_STORE_BACKOFF)
+        .when(StoreError::is_transient)
+        .adjust(move |_, delay| delay.filter(|delay| Instant::now() + *delay < deadline))
+        .notify(|e, _| tracing::warn!(error = %e, "storing the reply failed; retrying"))
+        .await
     }
 
     async fn timed_out(&self) -> Result<(), Stop> {

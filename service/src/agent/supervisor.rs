@@ -82,6 +82,11 @@ pub(super) struct Inner {
 const DEFAULT_PAGE_BYTES: usize = 64 * 1024;
 
 /// GCRA parameters: one run per `interval`, up to a minute's worth in a burst.
+///
+/// Not `governor`'s keyed limiter: a message that never ran (missing thread, replay,
+/// store failure) gives its slot back, which `governor` cannot do, and the limit is
+/// checked under the same per-user lock as duplicates in flight, so two copies of
+/// one message cannot both pass; the per-user state is pruned with the run registry.
 #[derive(Clone, Copy)]
 struct RateLimit {
     runs_per_minute: u32,
