@@ -123,7 +123,8 @@ pub(super) fn parse_message_cursor(cursor: &str) -> Result<i64, StoreError> {
         .ok_or(StoreError::BadCursor)
 }
 
-/// The result of [`ThreadStore::post_user_message`]: where the message landed.
+/// The result of [`post_user_message`](super::ThreadStore::post_user_message): where
+/// the message landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostedMessage {
     pub thread_id: String,
