@@ -7,8 +7,9 @@
 //! client that floods requests gets `rate_limited`, one that stops reading is
 //! disconnected.
 
-use crate::agent::{AgentSupervisor, ClientRequest, DeliveryError, ServerEvent};
+use crate::agent::{AgentSupervisor, DeliveryError};
 use crate::auth::UserId;
+use crate::protocol::{ClientRequest, ServerEvent};
 use std::sync::Arc;
 use tokio::sync::{Notify, mpsc};
 

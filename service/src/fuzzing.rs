@@ -10,7 +10,7 @@ use chatgate_contract::config::Origin;
 /// The client frame parser, on whatever a WebSocket text frame may carry.
 pub fn client_frame(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = crate::agent::parse_client_frame(text);
+        let _ = crate::protocol::parse_client_frame(text);
     }
 }
 

@@ -1,22 +1,29 @@
 //! The chatgate chat service: a phased startup that produces every critical
 //! service or exits naming the missing one, health endpoints, and the `/ws` chat.
+//!
+//! Public are what the binary (`cli`, `server::run`), the integration tests
+//! (`agent`, `protocol`, `store`, `llm`), the fuzz targets (`fuzzing`) and the
+//! control-plane harness (`config`) use; everything else is private to the crate.
 
-// Chat backend: persistence, LLM providers, agent runs.
+// Chat backend: the wire protocol, persistence, LLM providers, agent runs.
 pub mod agent;
 pub mod llm;
+pub mod protocol;
 pub mod store;
 
-pub mod auth;
-pub mod bridge;
-pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod fuzzing;
-pub mod metrics;
-pub mod replicas;
 pub mod server;
-pub mod startup;
-pub mod ws;
+
+mod auth;
+mod bridge;
+mod chat;
+mod instance;
+mod metrics;
+mod replicas;
+mod startup;
+mod ws;
 
 /// The log line format, shared with the operator.
-pub use chatgate_logging as logging;
+use chatgate_logging as logging;

@@ -461,6 +461,11 @@ pub const MAX_SSE_LINE_BYTES: usize = 1 << 20;
 pub const MAX_SSE_EVENT_BYTES: usize = 1 << 20;
 
 /// Incremental parser of a server-sent-events body of chat-completion chunks.
+///
+/// Not `eventsource-stream`: it buffers a line and an event without bound (a
+/// provider, or something posing as one, could make a run hold any amount of
+/// memory) and ends the stream on invalid UTF-8; this parser caps both at
+/// [`MAX_SSE_LINE_BYTES`] / [`MAX_SSE_EVENT_BYTES`] and reads lines lossily.
 struct SseState {
     body: ByteStream,
     /// Bytes after the last complete line.

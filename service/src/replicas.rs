@@ -21,7 +21,8 @@
 //! restarting), events of runs on other pods do not reach that pod's sockets; those
 //! runs' replies are still stored, and `get_thread` shows them.
 
-use crate::agent::{ErrorCode, ServerEvent};
+use crate::protocol::{ErrorCode, ServerEvent};
+use backon::{ExponentialBuilder, Retryable};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgListener, PgPool};
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +33,13 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// Waits between the five attempts to relay a batch of run events: jittered, so
+/// the pods that lost the database together do not all retry at the same instant.
+const RELAY_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(50))
+    .with_max_times(4)
+    .with_jitter();
 
 /// The one notification channel every replica listens on.
 const CHANNEL: &str = "chatgate";
@@ -770,23 +778,16 @@ async fn publish_loop(
         };
         // A function scan returns the array in order, and notifications of one
         // transaction are delivered in the order they were sent.
-        let mut delay = Duration::from_millis(50);
-        for attempt in 1..=5 {
-            match sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+        let relayed = (|| {
+            sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
                 .bind(CHANNEL)
                 .bind(&batch)
                 .execute(&shared.pool)
-                .await
-            {
-                Ok(_) => break,
-                Err(e) if attempt == 5 => {
-                    warn!(error = %e, events = batch.len(), "cannot relay events to other pods; their sockets miss them (the replies are stored)");
-                }
-                Err(_) => {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-            }
+        })
+        .retry(RELAY_BACKOFF)
+        .await;
+        if let Err(e) = relayed {
+            warn!(error = %e, events = batch.len(), "cannot relay events to other pods; their sockets miss them (the replies are stored)");
         }
     }
 }

@@ -1,27 +1,24 @@
-//! The HTTP side: the routes, the shared application state, and the process
-//! lifecycle (bind first, start up, serve, drain on SIGTERM/SIGINT, exit).
+//! The HTTP side: the routes and the process lifecycle (bind first, start up,
+//! serve, drain on SIGTERM/SIGINT, exit).
 //!
 //! The listener is bound before any startup phase runs, so `/health/live` and
 //! `/health/startup` answer from the first milliseconds and a slow dependency is
 //! visible instead of a connection refused.
 
+use crate::instance::ServiceInstance;
 use crate::logging::{self, LogFormat};
-use crate::metrics::Metrics;
-use crate::startup::{self, CriticalServices, Progress};
+use crate::startup;
 use crate::ws;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use chatgate_contract::{
-    ConfigSet, CriticalService, HealthReport, HealthState, ServiceState, paths,
-};
+use chatgate_contract::{ConfigSet, CriticalService, HealthReport, ServiceState, paths};
 use futures::FutureExt;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, error, info, warn};
@@ -31,50 +28,23 @@ use tracing::{Instrument, debug, error, info, warn};
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long a readiness check may wait on the thread store.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Seconds a refused `/ws` client is told to wait (`Retry-After`).
-const RETRY_AFTER_SECONDS: &str = "1";
 
-/// State shared by every route.
-pub struct App {
-    pub progress: Progress,
-    pub metrics: Metrics,
-    services: OnceLock<Arc<CriticalServices>>,
-    draining: AtomicBool,
-}
-
-impl App {
-    pub fn new(started: Instant) -> App {
-        App {
-            progress: Progress::new(started),
-            metrics: Metrics::new(),
-            services: OnceLock::new(),
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    /// The critical services, once startup completed and while not draining.
-    pub fn serving(&self) -> Option<&Arc<CriticalServices>> {
-        if self.draining.load(Ordering::Acquire) {
-            return None;
-        }
-        self.services.get()
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-}
-
-pub fn router(app: Arc<App>) -> Router {
+fn router(instance: Arc<ServiceInstance>) -> Router {
     Router::new()
         .route(paths::HEALTH_LIVE, get(live))
         .route(paths::HEALTH_STARTUP, get(startup_health))
         .route(paths::HEALTH_READY, get(ready))
         .route(paths::HEALTH, get(ready))
         .route(paths::METRICS, get(metrics))
-        .route(paths::WS, get(ws_route))
+        .route(
+            paths::WS,
+            get(ws::upgrade).route_layer(axum::middleware::from_fn_with_state(
+                instance.clone(),
+                count_upgrade,
+            )),
+        )
         .layer(axum::middleware::from_fn(cloud_trace))
-        .with_state(app)
+        .with_state(instance)
 }
 
 /// Serves a request inside a span carrying its `X-Cloud-Trace-Context`, so every line
@@ -112,11 +82,11 @@ fn health(status: StatusCode, report: HealthReport) -> Response {
     response
 }
 
-async fn startup_health(State(app): State<Arc<App>>) -> Response {
-    let report = app.progress.report();
+async fn startup_health(State(instance): State<Arc<ServiceInstance>>) -> Response {
+    let report = instance.progress.report();
     // Startup stays complete while draining: a startup probe that failed now would
     // only make Kubernetes restart a pod that is shutting down on purpose.
-    let status = if app.services.get().is_some() {
+    let status = if instance.started() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -124,15 +94,15 @@ async fn startup_health(State(app): State<Arc<App>>) -> Response {
     health(status, report)
 }
 
-async fn ready(State(app): State<Arc<App>>) -> Response {
-    let Some(services) = app.serving() else {
-        return health(StatusCode::SERVICE_UNAVAILABLE, app.progress.report());
+async fn ready(State(instance): State<Arc<ServiceInstance>>) -> Response {
+    let Some(services) = instance.serving() else {
+        return health(StatusCode::SERVICE_UNAVAILABLE, instance.progress.report());
     };
     let store_ok = matches!(
         tokio::time::timeout(READY_CHECK_TIMEOUT, services.store.ping()).await,
         Ok(Ok(()))
     );
-    app.progress.set_service_state(
+    instance.progress.set_service_state(
         CriticalService::ThreadStore,
         if store_ok {
             ServiceState::Ready
@@ -140,21 +110,21 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
             ServiceState::Degraded
         },
     );
-    let status = if store_ok && !app.is_draining() {
+    let status = if store_ok && !instance.is_draining() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    health(status, app.progress.report())
+    health(status, instance.progress.report())
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    app.metrics.observe_startup(
-        &app.progress.report(),
-        app.services.get().is_some(),
-        app.progress.startup_seconds(),
+async fn metrics(State(instance): State<Arc<ServiceInstance>>) -> Response {
+    instance.metrics.observe_startup(
+        &instance.progress.report(),
+        instance.started(),
+        instance.progress.startup_seconds(),
     );
-    let body = app.metrics.encode();
+    let body = instance.metrics.encode();
     (
         [(
             header::CONTENT_TYPE,
@@ -165,20 +135,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-/// `/ws`, counted by the status it answers with. A panic while upgrading is a defect:
-/// it is answered with 500 (counted, so the alert on `/ws` server errors sees it)
-/// instead of a reset connection.
-async fn ws_route(State(app): State<Arc<App>>, request: Request) -> Response {
-    match app.serving() {
-        Some(services) => {
-            let services = services.clone();
-            counted(&app, ws::upgrade(app.clone(), services, request)).await
-        }
-        None => counted(&app, std::future::ready(not_serving(&app))).await,
-    }
+/// `/ws`, counted by the status it answers with, whichever check answered. A panic
+/// while upgrading is a defect: it is answered with 500 (counted, so the alert on
+/// `/ws` server errors sees it) instead of a reset connection.
+async fn count_upgrade(
+    State(instance): State<Arc<ServiceInstance>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    counted(&instance, next.run(request)).await
 }
 
-async fn counted(app: &App, answer: impl Future<Output = Response>) -> Response {
+async fn counted(instance: &ServiceInstance, answer: impl Future<Output = Response>) -> Response {
     let response = AssertUnwindSafe(answer)
         .catch_unwind()
         .await
@@ -187,7 +155,7 @@ async fn counted(app: &App, answer: impl Future<Output = Response>) -> Response 
         .extensions()
         .get::<ws::UpgradeResult>()
         .map_or("other", |r| r.0);
-    app.metrics.upgrade(response.status().as_u16(), result);
+    instance.metrics.upgrade(response.status().as_u16(), result);
     response
 }
 
@@ -201,37 +169,6 @@ fn upgrade_panicked() -> Response {
         (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response(),
         "panic",
     )
-}
-
-/// `/ws` before startup completed, or while draining: 503 + `Retry-After`, and a
-/// body that says why. Never 500.
-fn not_serving(app: &App) -> Response {
-    let report = app.progress.report();
-    let result = if report.state == HealthState::Draining {
-        "draining"
-    } else {
-        "starting"
-    };
-    let body = match report.state {
-        HealthState::Draining => serde_json::json!({
-            "error": "draining",
-            "message": "this instance is shutting down; reconnect to another one",
-        }),
-        _ => serde_json::json!({
-            "error": "starting",
-            "phase": report.phase,
-            "message": format!(
-                "startup has not completed (phase {}); retry shortly",
-                report.phase.map(|p| p.as_str()).unwrap_or("starting")
-            ),
-        }),
-    };
-    let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from_static(RETRY_AFTER_SECONDS),
-    );
-    ws::tagged(response, result)
 }
 
 /// Connections accepted that have not yet sent their first request's headers, at
@@ -324,7 +261,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
         .effective("CHATGATE_TERMINATION_LOG")
         .unwrap_or(paths::DEFAULT_TERMINATION_LOG)
         .to_string();
-    let app = Arc::new(App::new(started));
+    let instance = Arc::new(ServiceInstance::new(started));
     // Registered first thing, so a SIGTERM during startup is a clean exit rather
     // than the default kill.
     let mut signals = Signals::register();
@@ -342,7 +279,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
                     cause,
                 ),
             };
-            return fail(&app, failure, &termination_log, started);
+            return fail(&instance, failure, &termination_log, started);
         }
     };
     let local = listener.local_addr().ok();
@@ -357,7 +294,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     );
     let server = tokio::spawn(serve(
         listener,
-        router(app.clone()),
+        router(instance.clone()),
         header_timeout,
         shutdown.clone(),
     ));
@@ -372,15 +309,15 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     let signal = termination_signal(&mut signals);
     tokio::pin!(signal);
     let outcome = tokio::select! {
-        outcome = startup::run(&set, &app.progress, &app.metrics, deadline, budget) => Some(outcome),
+        outcome = startup::run(&set, &instance.progress, &instance.metrics, deadline, budget) => Some(outcome),
         _ = &mut signal => None,
     };
     let services = match outcome {
         Some(Ok(services)) => Arc::new(services),
-        Some(Err(failure)) => return fail(&app, failure, &termination_log, started),
+        Some(Err(failure)) => return fail(&instance, failure, &termination_log, started),
         None => {
             info!("shutdown requested during startup; exiting");
-            app.progress.draining();
+            instance.progress.draining();
             shutdown.cancel();
             return 0;
         }
@@ -389,8 +326,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     let bridge = services.bridge.clone();
     let supervisor = services.supervisor.clone();
     let replicas = services.replicas.clone();
-    let _ = app.services.set(services);
-    app.progress.complete();
+    instance.start_serving(services);
     info!(
         took_ms = started.elapsed().as_micros() as f64 / 1000.0,
         "startup complete; every critical service exists"
@@ -399,8 +335,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     signal.await;
     // Readiness drops at once so the load balancer stops sending new clients;
     // the sockets already open keep working through the drain delay.
-    app.draining.store(true, Ordering::Release);
-    app.progress.draining();
+    instance.start_draining();
     info!(
         drain_seconds = drain.as_secs(),
         open = bridge.open(),
@@ -467,12 +402,13 @@ async fn bind(set: &ConfigSet) -> Result<TcpListener, String> {
 }
 
 fn fail(
-    app: &App,
+    instance: &ServiceInstance,
     failure: startup::StartupFailure,
     termination_log: &str,
     started: Instant,
 ) -> i32 {
-    app.progress
+    instance
+        .progress
         .fail(failure.running, &failure.message, started.elapsed());
     error!(
         phase = %failure.message.phase,
@@ -526,10 +462,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_upgrade_is_answered_500_and_counted() {
-        let app = App::new(Instant::now());
-        let response = counted(&app, async { panic!("a defect in the upgrade") }).await;
+        let instance = ServiceInstance::new(Instant::now());
+        let response = counted(&instance, async { panic!("a defect in the upgrade") }).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let exposition = app.metrics.encode();
+        let exposition = instance.metrics.encode();
         assert!(
             exposition.contains("chatgate_ws_upgrades_total{code=\"500\",result=\"panic\"} 1"),
             "{exposition}"
@@ -538,11 +474,12 @@ mod tests {
 
     #[tokio::test]
     async fn ws_before_startup_is_counted_as_503_starting() {
-        let app = App::new(Instant::now());
-        let response = counted(&app, std::future::ready(not_serving(&app))).await;
+        let instance = ServiceInstance::new(Instant::now());
+        let response = counted(&instance, std::future::ready(ws::not_serving(&instance))).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(
-            app.metrics
+            instance
+                .metrics
                 .encode()
                 .contains("chatgate_ws_upgrades_total{code=\"503\",result=\"starting\"} 1")
         );

@@ -14,6 +14,7 @@ use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::replicas::Replicas;
 use crate::store::ThreadStore;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chatgate_contract::{
     ConfigSet, CriticalService, HealthReport, HealthState, PhaseReport, PhaseStatus, ServiceReport,
     ServiceState, StartupPhase, TerminationMessage,
@@ -31,7 +32,6 @@ pub struct CriticalServices {
     pub store: ThreadStore,
     /// The other pods sharing the store (just this process with SQLite).
     pub replicas: Replicas,
-    pub llm: LlmClient,
     pub bridge: WsBridge,
     pub supervisor: AgentSupervisor,
     _built_by_startup: BuiltByStartup,
@@ -292,7 +292,7 @@ async fn run_phases(
     timer.done(t);
 
     let t = timer.begin(StartupPhase::Supervisor);
-    let supervisor = AgentSupervisor::new(store.clone(), llm.clone(), config.runs_per_minute)
+    let supervisor = AgentSupervisor::new(store.clone(), llm, config.runs_per_minute)
         .with_page_bytes(config.bridge.max_message_bytes)
         .with_run_limits(config.run_limits)
         .with_replicas(replicas.clone());
@@ -328,7 +328,6 @@ async fn run_phases(
         verifier,
         store,
         replicas,
-        llm,
         bridge,
         supervisor,
         _built_by_startup: BuiltByStartup,
@@ -401,7 +400,13 @@ where
     Fut: Future<Output = Result<T, Attempt>>,
 {
     const PHASE: StartupPhase = StartupPhase::Storage;
-    let mut backoff = Duration::from_millis(100);
+    // Not jittered: each pod waits on its own, and the waits are what
+    // `/health/startup` and the log show.
+    let mut backoffs = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build();
     loop {
         // One attempt may not take the whole budget: a black-holed host would
         // otherwise hide every retry from /health/startup.
@@ -417,10 +422,10 @@ where
                 attempt_limit.as_secs()
             ),
         };
+        let backoff = backoffs.next().unwrap_or(Duration::from_secs(2));
         warn!(phase = %PHASE, retry_in_ms = backoff.as_millis() as u64, error = %error, "the thread store is not usable yet; retrying");
         timer.progress.retrying(PHASE, error);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
         timer.progress.again(PHASE);
         timer.metrics.phase_attempt(PHASE);
     }

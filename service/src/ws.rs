@@ -5,25 +5,28 @@
 //! chat: the agent event queue is created on the first chat request, so an idle
 //! socket costs its task, its small read buffer and a few counters.
 
-use crate::agent::{self, ClientRequest, ErrorCode, ServerEvent};
 use crate::auth::{self, UserId};
 use crate::bridge::{Admission, OverLimit};
 use crate::chat::{ChatLane, LaneEvent, Submitted};
+use crate::instance::ServiceInstance;
+use crate::protocol::{self, ClientRequest, ErrorCode, ServerEvent};
 use crate::replicas::{ConnectionSlot, Delivery};
-use crate::server::App;
 use crate::startup::CriticalServices;
-use axum::extract::FromRequestParts;
-use axum::extract::Request;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use chatgate_contract::HealthState;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// The longest a token's expiry is waited for (a timer further out adds nothing: no
 /// socket lives that long, and an `Instant` that far ahead could overflow).
 const MAX_TOKEN_WAIT: Duration = Duration::from_secs(366 * 24 * 3600);
-use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Initial read buffer per socket. Chat frames are small; tungstenite grows the
 /// buffer for a larger frame (up to the message limit) when one arrives. The
@@ -31,56 +34,132 @@ use tracing::{Instrument, debug, info, info_span, warn};
 const READ_BUFFER_BYTES: usize = 1024;
 /// How long a closing socket waits for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Close codes (RFC 6455 and the IANA registry).
-pub mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const POLICY_VIOLATION: u16 = 1008;
-    pub const NO_STATUS: u16 = 1005;
-    pub const ABNORMAL: u16 = 1006;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
-    pub const SERVICE_RESTART: u16 = 1012;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-}
+/// Seconds a refused `/ws` client is told to wait (`Retry-After`).
+const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Why a `/ws` request got the answer it got: the `result` label of
 /// `chatgate_ws_upgrades_total`, carried on the response to where it is counted.
 #[derive(Clone, Copy, Debug)]
-pub struct UpgradeResult(pub &'static str);
+pub(crate) struct UpgradeResult(pub(crate) &'static str);
 
 /// `response`, marked with why it was given.
-pub fn tagged(mut response: Response, result: &'static str) -> Response {
+pub(crate) fn tagged(mut response: Response, result: &'static str) -> Response {
     response.extensions_mut().insert(UpgradeResult(result));
     response
 }
 
-/// Checks origin and token, takes a connection slot, and upgrades.
-pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Request) -> Response {
-    let (mut parts, _body) = request.into_parts();
-    let settings = services.bridge.settings();
-    if !auth::origin_allowed(&parts.headers, &settings.allowed_origins) {
-        return tagged(
-            auth::AuthError::OriginNotAllowed.into_response(),
-            "forbidden",
-        );
-    }
-    let credentials = match auth::credentials(&parts.headers) {
-        Ok(c) => c,
-        Err(e) => return tagged(e.into_response(), "unauthorized"),
-    };
-    let auth::Verified { user, expires_at } = match services.verifier.verify(&credentials.token) {
-        Ok(verified) => verified,
-        Err(e) => {
-            debug!(reason = e.reason(), "upgrade refused");
-            return tagged(e.into_response(), "unauthorized");
+/// The instance serves: startup completed and it is not draining. Otherwise the
+/// request is answered 503 with `Retry-After` ([`not_serving`]).
+pub(crate) struct Serving(Arc<CriticalServices>);
+
+impl FromRequestParts<Arc<ServiceInstance>> for Serving {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        _parts: &mut Parts,
+        instance: &Arc<ServiceInstance>,
+    ) -> Result<Serving, Response> {
+        match instance.serving() {
+            Some(services) => Ok(Serving(services.clone())),
+            None => Err(not_serving(instance)),
         }
+    }
+}
+
+/// The request comes from an allowed origin and carries a valid token (header or
+/// subprotocol); otherwise it is answered 403 or 401, as [`auth::AuthError`] says.
+pub(crate) struct Authenticated {
+    user: UserId,
+    /// When the token's access ends (`None`: never).
+    expires_at: Option<SystemTime>,
+    /// The subprotocol the token came in, echoed in the upgrade's answer.
+    subprotocol: Option<&'static str>,
+}
+
+impl FromRequestParts<Arc<ServiceInstance>> for Authenticated {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        instance: &Arc<ServiceInstance>,
+    ) -> Result<Authenticated, Response> {
+        // Extracted after `Serving`; a drain that began in between answers as it would.
+        let Some(services) = instance.serving() else {
+            return Err(not_serving(instance));
+        };
+        let settings = services.bridge.settings();
+        if !auth::origin_allowed(&parts.headers, &settings.allowed_origins) {
+            return Err(tagged(
+                auth::AuthError::OriginNotAllowed.into_response(),
+                "forbidden",
+            ));
+        }
+        let credentials = match auth::credentials(&parts.headers) {
+            Ok(c) => c,
+            Err(e) => return Err(tagged(e.into_response(), "unauthorized")),
+        };
+        match services.verifier.verify(&credentials.token) {
+            Ok(auth::Verified { user, expires_at }) => Ok(Authenticated {
+                user,
+                expires_at,
+                subprotocol: credentials.subprotocol,
+            }),
+            Err(e) => {
+                debug!(reason = e.reason(), "upgrade refused");
+                Err(tagged(e.into_response(), "unauthorized"))
+            }
+        }
+    }
+}
+
+/// `/ws` before startup completed, or while draining: 503 + `Retry-After`, and a
+/// body that says why. Never 500.
+pub(crate) fn not_serving(instance: &ServiceInstance) -> Response {
+    let report = instance.progress.report();
+    let result = if report.state == HealthState::Draining {
+        "draining"
+    } else {
+        "starting"
     };
-    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+    let body = match report.state {
+        HealthState::Draining => serde_json::json!({
+            "error": "draining",
+            "message": "this instance is shutting down; reconnect to another one",
+        }),
+        _ => serde_json::json!({
+            "error": "starting",
+            "phase": report.phase,
+            "message": format!(
+                "startup has not completed (phase {}); retry shortly",
+                report.phase.map(|p| p.as_str()).unwrap_or("starting")
+            ),
+        }),
+    };
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
+    tagged(response, result)
+}
+
+/// `/ws`: the instance serves and the client is authenticated (checked in the order
+/// of the arguments), then the upgrade takes a connection slot and completes.
+pub(crate) async fn upgrade(
+    State(instance): State<Arc<ServiceInstance>>,
+    Serving(services): Serving,
+    Authenticated {
+        user,
+        expires_at,
+        subprotocol,
+    }: Authenticated,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => return tagged(rejection.into_response(), "bad_request"),
     };
+    let settings = services.bridge.settings();
     let limit = settings.max_message_bytes;
     let mut upgrade = upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -90,7 +169,7 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
         .max_write_buffer_size(limit.saturating_mul(2).max(64 * 1024))
         .max_message_size(limit)
         .max_frame_size(limit);
-    if let Some(protocol) = credentials.subprotocol {
+    if let Some(protocol) = subprotocol {
         upgrade = upgrade.protocols([protocol]);
     }
     let admitted = match services.bridge.admit(&user) {
@@ -121,7 +200,7 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
     match admitted {
         Ok((admission, slot)) => {
             let connection = Connection {
-                app,
+                instance,
                 services,
                 user,
                 expires_at,
@@ -137,7 +216,7 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
         Err(over) => {
             info!(user_id = %user, reason = over.reason(), "connection refused with 1013");
             tagged(
-                upgrade.on_upgrade(move |socket| refuse(socket, app, over)),
+                upgrade.on_upgrade(move |socket| refuse(socket, instance, over)),
                 "over_limit",
             )
         }
@@ -145,9 +224,9 @@ pub async fn upgrade(app: Arc<App>, services: Arc<CriticalServices>, request: Re
 }
 
 /// Tells a socket over a limit to come back later, and closes it.
-async fn refuse(mut socket: WebSocket, app: Arc<App>, over: OverLimit) {
-    close(&mut socket, close_code::TRY_AGAIN_LATER, over.reason()).await;
-    app.metrics.close(close_code::TRY_AGAIN_LATER);
+async fn refuse(mut socket: WebSocket, instance: Arc<ServiceInstance>, over: OverLimit) {
+    close(&mut socket, close_code::AGAIN, over.reason()).await;
+    instance.metrics.close(close_code::AGAIN);
 }
 
 /// Sends a close frame and waits (bounded) for the client's, so the client reads
@@ -155,7 +234,7 @@ async fn refuse(mut socket: WebSocket, app: Arc<App>, over: OverLimit) {
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     // After an oversized frame the rest of it is still unread; reading on would
     // only pull in what was refused. The close frame is already on its way.
-    let await_reply = code != close_code::TOO_BIG;
+    let await_reply = code != close_code::SIZE;
     let frame = Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -181,7 +260,7 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 
 /// An admitted socket and everything it serves with.
 struct Connection {
-    app: Arc<App>,
+    instance: Arc<ServiceInstance>,
     services: Arc<CriticalServices>,
     user: UserId,
     /// When the token's access ends; the socket closes then (`None`: never).
@@ -216,7 +295,7 @@ impl Connection {
     }
 
     async fn run(self, mut socket: WebSocket) {
-        let metrics = &self.app.metrics;
+        let metrics = &self.instance.metrics;
         metrics.active_connections.inc();
         debug!("connected");
         let ending = self.chat(&mut socket).await;
@@ -226,7 +305,7 @@ impl Connection {
                 close(&mut socket, code, reason).await;
                 code
             }
-            Ending::SlowReader => close_code::TRY_AGAIN_LATER,
+            Ending::SlowReader => close_code::AGAIN,
         };
         match ending {
             Ending::ByClient(_) => debug!(code, "closed by client"),
@@ -279,7 +358,7 @@ impl Connection {
                             return Ending::SlowReader;
                         }
                     }
-                    return Ending::ByServer(close_code::SERVICE_RESTART, "service restart");
+                    return Ending::ByServer(close_code::RESTART, "service restart");
                 }
                 _ = &mut token_expiry, if self.expires_at.is_some() => {
                     // Access ends with the token: the client is told why, then the
@@ -292,7 +371,7 @@ impl Connection {
                         return Ending::SlowReader;
                     }
                     info!("token expired; closing with 1008");
-                    return Ending::ByServer(close_code::POLICY_VIOLATION, "token expired");
+                    return Ending::ByServer(close_code::POLICY, "token expired");
                 }
                 incoming = socket.recv() => {
                     let message = match incoming {
@@ -311,7 +390,7 @@ impl Connection {
                         Message::Ping(_) | Message::Pong(_) => None,
                         Message::Close(frame) => {
                             return Ending::ByClient(
-                                frame.map(|f| f.code).unwrap_or(close_code::NO_STATUS),
+                                frame.map(|f| f.code).unwrap_or(close_code::STATUS),
                             );
                         }
                     };
@@ -358,7 +437,7 @@ impl Connection {
 
     /// Handles one text frame; returns the frame to answer with directly, if any.
     fn on_text(&self, text: &str, lane: &mut Option<ChatLane>) -> Option<ServerEvent> {
-        match agent::parse_client_frame(text) {
+        match protocol::parse_client_frame(text) {
             Ok(ClientRequest::Ping) => Some(ServerEvent::pong_now()),
             Ok(request) => {
                 let lane = lane.get_or_insert_with(|| {
@@ -369,7 +448,7 @@ impl Connection {
                         self.services.bridge.settings().send_queue,
                     )
                 });
-                self.app.metrics.agent_requests.inc();
+                self.instance.metrics.agent_requests.inc();
                 match lane.submit(request) {
                     Submitted::Queued => None,
                     Submitted::Busy => Some(ServerEvent::error(
@@ -389,7 +468,7 @@ impl Connection {
     }
 
     fn count(&self, event: &ServerEvent) {
-        let metrics = &self.app.metrics;
+        let metrics = &self.instance.metrics;
         match event {
             ServerEvent::AgentStarted { .. } | ServerEvent::AgentCompleted { .. } => {
                 metrics.agent_event(event.kind());
@@ -431,14 +510,14 @@ fn ending_for_error(error: axum::Error) -> Ending {
     match error.into_inner().downcast::<WsError>() {
         Ok(e) => match *e {
             WsError::Capacity(CapacityError::MessageTooLong { .. }) => Ending::ByServer(
-                close_code::TOO_BIG,
+                close_code::SIZE,
                 "message larger than CHATGATE_MAX_MESSAGE_BYTES",
             ),
             WsError::Utf8(_) => {
-                Ending::ByServer(close_code::INVALID_PAYLOAD, "text frame is not valid UTF-8")
+                Ending::ByServer(close_code::INVALID, "text frame is not valid UTF-8")
             }
             WsError::Protocol(_) => {
-                Ending::ByServer(close_code::PROTOCOL_ERROR, "WebSocket protocol violation")
+                Ending::ByServer(close_code::PROTOCOL, "WebSocket protocol violation")
             }
             WsError::ConnectionClosed | WsError::AlreadyClosed => {
                 Ending::ByClient(close_code::ABNORMAL)

@@ -7,12 +7,10 @@ mod openai_fixture;
 
 use std::time::Duration;
 
-use chatgate_service::agent::{
-    AgentSupervisor, ClientRequest, DeliveryError, ErrorCode, ServerEvent, TOOL_NAME,
-    parse_client_frame,
-};
+use chatgate_service::agent::{AgentSupervisor, DeliveryError, TOOL_NAME};
 use chatgate_service::config::RunLimits;
 use chatgate_service::llm::LlmClient;
+use chatgate_service::protocol::{ClientRequest, ErrorCode, ServerEvent, parse_client_frame};
 use chatgate_service::store::{Role, ThreadStore};
 use openai_fixture::{Fixture, Scenario};
 use serde_json::{Value, json};

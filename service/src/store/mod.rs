@@ -39,20 +39,32 @@
 //! Timestamps are stored as microseconds since the Unix epoch (fine enough that
 //! "most recently updated" is well defined) and appear on the wire as RFC 3339
 //! strings in UTC.
+//!
+//! The wire and result types are in `types`, the errors and their sorting into
+//! "retry" and "fix the configuration" in `error`, each database's connection
+//! (and its error codes) in `sqlite` and `postgres`; the queries, written once for
+//! both, are here.
 
-use std::path::Path;
-use std::str::FromStr;
+mod error;
+mod postgres;
+mod sqlite;
+mod types;
+
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgConnection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Connection, Row, migrate::Migrator};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Row, migrate::Migrator};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+pub use error::StoreError;
+use error::{Backend, classify};
+pub use types::{
+    ClientMessage, DEFAULT_PAGE_ITEMS, MAX_PAGE_ITEMS, Page, PageLimit, PostedMessage, Role,
+    StoredMessage, StoredReply, ThreadSummary,
+};
+use types::{ENTRY_OVERHEAD_BYTES, ThreadCursor, parse_message_cursor};
 
 /// The configuration key a user sets to choose the database; named in every
 /// configuration error so the person reading it knows what to change.
@@ -77,205 +89,6 @@ fn migrator() -> Migrator {
     // database further; it must start, not fail on a version it does not know.
     migrator.set_ignore_missing(true);
     migrator
-}
-
-/// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// The person using the chat.
-    User,
-    /// The agent's reply.
-    Assistant,
-}
-
-impl Role {
-    /// The stored and wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Role, StoreError> {
-        match s {
-            "user" => Ok(Role::User),
-            "assistant" => Ok(Role::Assistant),
-            other => Err(StoreError::Corrupt {
-                message: format!("a stored message has the unknown role `{other}`"),
-            }),
-        }
-    }
-}
-
-/// One thread in a `threads` listing: the wire shape `{thread_id, title, updated_at}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ThreadSummary {
-    pub thread_id: String,
-    pub title: String,
-    /// RFC 3339, UTC.
-    pub updated_at: String,
-}
-
-/// One stored message: the wire shape `{message_id, role, content, created_at}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredMessage {
-    pub message_id: String,
-    pub role: Role,
-    pub content: String,
-    /// RFC 3339, UTC.
-    pub created_at: String,
-}
-
-/// How much one page of a listing may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageLimit {
-    /// At most this many entries.
-    pub items: u32,
-    /// About this many bytes of JSON (an estimate, erring high); a page holds at
-    /// least one entry even when that entry alone is larger.
-    pub bytes: usize,
-}
-
-/// Entries a page holds when the client names no `limit`.
-pub const DEFAULT_PAGE_ITEMS: u32 = 50;
-/// The largest `limit` a client may ask for.
-pub const MAX_PAGE_ITEMS: u32 = 200;
-/// What one entry's JSON costs beyond its variable fields (names, quotes, times).
-const ENTRY_OVERHEAD_BYTES: usize = 96;
-
-/// Entries of a listing and, when more follow, the cursor of the next page.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
-}
-
-impl<T> Default for Page<T> {
-    fn default() -> Self {
-        Page {
-            items: Vec::new(),
-            next_cursor: None,
-        }
-    }
-}
-
-/// Where a page of `threads_page` ended: the last thread's update time and id.
-struct ThreadCursor {
-    updated_at: i64,
-    thread_id: String,
-}
-
-impl ThreadCursor {
-    fn parse(cursor: &str) -> Result<ThreadCursor, StoreError> {
-        cursor
-            .split_once('.')
-            .and_then(|(at, id)| {
-                Some(ThreadCursor {
-                    updated_at: at.parse().ok()?,
-                    thread_id: id.to_owned(),
-                })
-            })
-            .filter(|c| !c.thread_id.is_empty())
-            .ok_or(StoreError::BadCursor)
-    }
-}
-
-impl std::fmt::Display for ThreadCursor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.updated_at, self.thread_id)
-    }
-}
-
-/// A `thread_page` cursor: the position of the oldest message already sent.
-fn parse_message_cursor(cursor: &str) -> Result<i64, StoreError> {
-    cursor
-        .parse::<i64>()
-        .ok()
-        .filter(|seq| *seq > 0)
-        .ok_or(StoreError::BadCursor)
-}
-
-/// The result of [`ThreadStore::post_user_message`]: where the message landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostedMessage {
-    pub thread_id: String,
-    /// True when the call created the thread (no `thread_id` was given).
-    pub created_thread: bool,
-    pub message: StoredMessage,
-}
-
-/// A user message found by its `client_message_id`, and the reply to it if one was stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientMessage {
-    pub thread_id: String,
-    pub message_id: String,
-    pub content: String,
-    pub reply: Option<StoredReply>,
-}
-
-/// The stored reply to a user message and the run that produced it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredReply {
-    pub message_id: String,
-    pub run_id: String,
-}
-
-/// Everything the thread store can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The URL cannot work, however long one waits: fix the configuration.
-    #[error("{DATABASE_URL_KEY} is not usable: {reason}")]
-    InvalidUrl { reason: String },
-    /// The database exists in principle but cannot be used right now (not reachable,
-    /// starting up, locked, pool exhausted). `transient` says whether waiting can help.
-    #[error("the thread store at {target} is not usable: {message}")]
-    Unavailable {
-        target: String,
-        message: String,
-        transient: bool,
-    },
-    /// The embedded schema migrations could not be applied.
-    #[error(
-        "the thread store at {target} could not apply its schema migrations: {message}; \
-         check that the database user may create tables, or point {DATABASE_URL_KEY} at a database this version owns"
-    )]
-    Migration { target: String, message: String },
-    /// No such thread for this user (another user's thread answers the same way).
-    #[error("thread {thread_id} not found")]
-    NotFound { thread_id: String },
-    /// A message with this `client_message_id` was already stored for this user.
-    #[error(
-        "a message with client_message_id {client_message_id} was already received (thread {})",
-        existing.thread_id
-    )]
-    Duplicate {
-        client_message_id: String,
-        existing: Box<ClientMessage>,
-    },
-    /// Stored data this version cannot read.
-    #[error("the thread store holds data this version cannot read: {message}")]
-    Corrupt { message: String },
-    /// A paging cursor that no page of this listing returned.
-    #[error(
-        "the cursor is not one a previous page returned; send the `next_cursor` of the last page, or no cursor for the first"
-    )]
-    BadCursor,
-}
-
-impl StoreError {
-    /// True when retrying later can succeed (the database is not reachable yet, is
-    /// starting, or is busy); false for configuration mistakes that waiting cannot fix.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Unavailable {
-                transient: true,
-                ..
-            }
-        )
-    }
 }
 
 /// The connection pool, one variant per supported database. An enum rather than
@@ -401,118 +214,6 @@ impl ThreadStore {
         }
     }
 
-    async fn connect_sqlite(url: &str) -> Result<ThreadStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
-            reason: format!(
-                "it is not a valid SQLite URL ({e}); use sqlite://PATH or sqlite::memory:"
-            ),
-        })?;
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let target: std::sync::Arc<str> = if in_memory {
-            "sqlite::memory:".into()
-        } else {
-            format!("sqlite://{}", options.get_filename().display()).into()
-        };
-        if !in_memory {
-            // A missing directory is a wrong path or a volume that is not mounted; in a
-            // container both are fixed by changing the deployment, not by waiting.
-            let parent = options
-                .get_filename()
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !parent.is_dir() {
-                return Err(StoreError::InvalidUrl {
-                    reason: format!(
-                        "the directory {} of the SQLite file does not exist; create it (or mount a volume there) or point {DATABASE_URL_KEY} at an existing directory",
-                        parent.display()
-                    ),
-                });
-            }
-        }
-        let options = options
-            .create_if_missing(true)
-            .foreign_keys(true)
-            // Writers wait for each other instead of failing with "database is locked".
-            .busy_timeout(Duration::from_secs(5));
-        let options = if in_memory {
-            options
-        } else {
-            // WAL lets readers (list_threads, get_thread) proceed during a write;
-            // NORMAL sync is durable across process crashes in WAL mode.
-            options
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-        };
-        let pool_options = if in_memory {
-            // An in-memory database lives as long as one connection to it: keep exactly
-            // one, forever.
-            SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
-        } else {
-            SqlitePoolOptions::new().max_connections(4)
-        };
-        let pool = pool_options
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|e| classify(&target, e, Backend::Sqlite))?;
-        let mut store = ThreadStore {
-            pool: Pool::Sqlite(pool),
-            target,
-            schema_version: 0,
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    async fn connect_postgres(url: &str) -> Result<ThreadStore, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::InvalidUrl {
-            reason: format!(
-                "it is not a valid PostgreSQL URL ({}); use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-                redact_sqlx_message(&e.to_string(), url)
-            ),
-        })?;
-        let target: std::sync::Arc<str> = format!(
-            "postgres://{}:{}/{}",
-            options.get_host(),
-            options.get_port(),
-            options.get_database().unwrap_or("")
-        )
-        .into();
-        // One direct connection first: the pool would retry a refused connection
-        // until its acquire timeout and then report only "timed out", hiding the
-        // cause that startup should show.
-        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
-            .await
-            .map_err(|_| StoreError::Unavailable {
-                target: target.to_string(),
-                message: format!(
-                    "no answer within {}s; the database may still be starting — if this persists, check the host and port in {DATABASE_URL_KEY}",
-                    CONNECT_TIMEOUT.as_secs()
-                ),
-                transient: true,
-            })?
-            .map_err(|e| classify(&target, e, Backend::Postgres))?;
-        let _ = first.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .acquire_timeout(CONNECT_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|e| classify(&target, e, Backend::Postgres))?;
-        let mut store = ThreadStore {
-            pool: Pool::Postgres(pool),
-            target,
-            schema_version: 0,
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
     /// Applies the embedded migrations. Pods starting together on an empty database
     /// take turns: sqlx holds an advisory lock (PostgreSQL) while it migrates.
     async fn migrate(&mut self) -> Result<(), StoreError> {
@@ -538,15 +239,6 @@ impl ThreadStore {
     /// `/health/startup`); newer than this binary's own when a newer pod migrated.
     pub fn schema_version(&self) -> i64 {
         self.schema_version
-    }
-
-    /// The PostgreSQL pool, which the replicas also coordinate through; `None` for
-    /// SQLite, which only one process uses.
-    pub fn postgres_pool(&self) -> Option<&PgPool> {
-        match &self.pool {
-            Pool::Postgres(pool) => Some(pool),
-            Pool::Sqlite(_) => None,
-        }
     }
 
     /// Where the store points, without credentials.
@@ -1003,7 +695,7 @@ impl ThreadStore {
         Ok(self.thread_page(user, thread_id, whole, None).await?.items)
     }
 
-    fn error(&self, e: sqlx::Error) -> StoreError {
+    pub(super) fn error(&self, e: sqlx::Error) -> StoreError {
         let backend = match self.pool {
             Pool::Sqlite(_) => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
@@ -1019,123 +711,6 @@ struct NewMessage<'a> {
     client_message_id: Option<&'a str>,
     reply_to: Option<&'a str>,
     run_id: Option<&'a str>,
-}
-
-#[derive(Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Sorts a database error into "wait and retry" and "fix the configuration".
-fn classify(target: &str, e: sqlx::Error, backend: Backend) -> StoreError {
-    let (transient, message) = match &e {
-        // Connection refused, host unreachable, DNS not ready: the database (or the
-        // network to it) may simply not be up yet.
-        sqlx::Error::Io(io) => (
-            true,
-            format!(
-                "cannot connect ({io}); the database may still be starting — if this persists, check the host and port in {DATABASE_URL_KEY}"
-            ),
-        ),
-        sqlx::Error::PoolTimedOut => (
-            true,
-            "no database connection became free in time; the database is slow or overloaded"
-                .to_owned(),
-        ),
-        sqlx::Error::PoolClosed => (false, "the connection pool was closed".to_owned()),
-        sqlx::Error::Tls(tls) => (
-            false,
-            format!(
-                "the TLS handshake failed ({tls}); check sslmode and certificates in {DATABASE_URL_KEY}"
-            ),
-        ),
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            match backend {
-                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes
-                // in the upper bits: another writer holds the lock.
-                Backend::Sqlite if code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)) => {
-                    (
-                        true,
-                        format!(
-                            "the database is locked by another writer ({})",
-                            db.message()
-                        ),
-                    )
-                }
-                Backend::Sqlite => (
-                    false,
-                    format!(
-                        "{} (SQLite code {code}); check the path and permissions in {DATABASE_URL_KEY}",
-                        db.message()
-                    ),
-                ),
-                Backend::Postgres => match code.as_str() {
-                    // cannot_connect_now (starting up), too_many_connections,
-                    // admin/crash shutdown, serialization and deadlock failures.
-                    "57P03" | "53300" | "57P01" | "57P02" | "40001" | "40P01" | "08006"
-                    | "08001" | "08004" => (
-                        true,
-                        format!("{} (SQLSTATE {code}); retrying", db.message()),
-                    ),
-                    "28P01" | "28000" => (
-                        false,
-                        format!(
-                            "{} (SQLSTATE {code}); check the user and password in {DATABASE_URL_KEY}",
-                            db.message()
-                        ),
-                    ),
-                    "3D000" => (
-                        false,
-                        format!(
-                            "{} (SQLSTATE {code}); create the database or fix its name in {DATABASE_URL_KEY}",
-                            db.message()
-                        ),
-                    ),
-                    _ => (false, format!("{} (SQLSTATE {code})", db.message())),
-                },
-            }
-        }
-        sqlx::Error::Configuration(c) => {
-            return StoreError::InvalidUrl {
-                reason: format!("{c}; fix {DATABASE_URL_KEY}"),
-            };
-        }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::TypeNotFound { .. } => {
-            return StoreError::Corrupt {
-                message: e.to_string(),
-            };
-        }
-        other => (false, other.to_string()),
-    };
-    StoreError::Unavailable {
-        target: target.to_owned(),
-        message,
-        transient,
-    }
-}
-
-/// sqlx echoes parts of the URL in some parse errors; the URL may hold a password.
-/// The password alone is replaced too, as a parse error may quote just that component.
-fn redact_sqlx_message(message: &str, url: &str) -> String {
-    if url.is_empty() {
-        return message.to_owned();
-    }
-    let mut out = message.replace(url, "<CHATGATE_DATABASE_URL>");
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, password)| password)
-        .filter(|p| !p.is_empty());
-    if let Some(password) = password {
-        out = out.replace(password, "<password>");
-    }
-    out
 }
 
 fn new_id() -> String {
