@@ -773,10 +773,9 @@ impl Inputs {
             let target = self.target.or_else(|| Target::annotated(cs));
             let mut refused = 0;
             if let Some(target) = target {
-                let dereferenced = self.dereference(cs);
-                let config_map = dereferenced.config_map.as_ref().and_then(Lookup::found);
-                let (config, _) = crate::configuration::declared_config(&cs.spec, config_map);
-                for r in serverless::refusals(cs, &config, target) {
+                // Checked whether or not a problem blocks the rollout: every
+                // reason not to deploy is reported at once.
+                for r in serverless::refusals(cs, validation.spec().config(), target) {
                     refused += 1;
                     rows.push((
                         Problem::new(
