@@ -18,6 +18,7 @@ pub mod controller;
 pub mod crd;
 pub mod dereference;
 pub mod fixtures;
+pub mod manifests;
 pub mod meta;
 pub mod metrics;
 pub mod render;
