@@ -72,14 +72,32 @@ pub enum ApplyError {
     NotOwned(#[from] NotOwned),
 }
 
-/// What the apply step produced: the Deployment as the API server has it now. Only
-/// this step makes one, so the status can never describe a Deployment that was not
-/// applied.
+/// What the apply step produced: the Deployment as the API server has it now, and the
+/// configuration hash it was applied with. Only [`apply`] makes one (its fields are
+/// private to this module), so the status can never describe a Deployment that was
+/// not applied as if it were.
 #[derive(Debug, Clone)]
 pub struct Applied {
-    pub deployment: Arc<Deployment>,
+    deployment: Arc<Deployment>,
+    config_hash: String,
+    writes: u32,
+}
+
+impl Applied {
+    /// The Deployment as the API server returned it (or as cached, when up to date).
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    /// The hash of the configuration the applied pod template carries.
+    pub fn config_hash(&self) -> &str {
+        &self.config_hash
+    }
+
     /// Requests sent (0 when everything was up to date).
-    pub writes: u32,
+    pub fn writes(&self) -> u32 {
+        self.writes
+    }
 }
 
 /// Whether `desired` must be applied over `live`.
@@ -155,7 +173,11 @@ pub async fn apply(
             }
         }
     }
-    Ok(Applied { deployment, writes })
+    Ok(Applied {
+        deployment,
+        config_hash: desired.config_hash.clone(),
+        writes,
+    })
 }
 
 /// Refuses an existing object with the child's name that the child's owner does not
@@ -289,8 +311,8 @@ where
 mod tests {
     use super::*;
     use crate::build::build;
-    use crate::configuration::declared_config;
     use crate::crd::ChatService;
+    use crate::validation::ValidatedSpec;
     use serde_json::json;
 
     fn desired() -> Desired {
@@ -298,7 +320,7 @@ mod tests {
             .namespace("ns")
             .stored("u", 1)
             .build();
-        build(&cs, &declared_config(&cs.spec, None).0)
+        build(&cs, &ValidatedSpec::declared(&cs, None).0)
     }
 
     /// The live object as the API server returns it: the desired one plus defaults.

@@ -10,17 +10,25 @@
 
 use crate::crd::ChatService;
 use crate::meta::{self, ANNOTATION_APPLIED_HASH, ANNOTATION_CONFIG_HASH};
+use crate::validation::ValidatedSpec;
 use chatgate_contract::config::{ConfigSet, ConfigValue};
 use chatgate_contract::paths;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 /// Name of the service container in the pod.
@@ -99,39 +107,71 @@ pub fn default_resources() -> ResourceRequirements {
     }
 }
 
-/// The desired children of `cs`, whose configuration is `config` (from
-/// [`crate::configuration::declared_config`], validated).
+/// The desired children of `cs`, whose configuration validation has produced.
 ///
 /// Owner references are set when `cs` has a uid (it came from the API server); an
-/// offline render has none.
-pub fn build(cs: &ChatService, config: &ConfigSet) -> Desired {
-    build_with_secrets(cs, config, &BTreeMap::new())
+/// offline render has none. The `resourceVersion` of each referenced Secret enters the
+/// configuration hash on the pod template, so rotating a referenced Secret rolls the
+/// pods (which read Secret values only when they start); without any (an offline
+/// render) the hash is the configuration's alone.
+pub fn build(cs: &ChatService, spec: &ValidatedSpec) -> Desired {
+    let children = Children::of(cs);
+    let (config_map, secret_env) = build_config_map(&children, spec.config());
+    let config_hash = config_hash(&config_map, &secret_env, spec.secret_versions());
+    let deployment = build_deployment(&children, cs, secret_env, &config_hash);
+    Desired {
+        config_map: with_applied_hash(config_map),
+        deployment: with_applied_hash(deployment),
+        service: with_applied_hash(build_service(&children)),
+        pod_disruption_budget: (cs.spec.replicas >= 2)
+            .then(|| with_applied_hash(build_pod_disruption_budget(&children))),
+        config_hash,
+    }
 }
 
-/// As [`build`], with the `resourceVersion` of each referenced Secret by name: they
-/// enter the configuration hash on the pod template, so rotating a referenced Secret
-/// rolls the pods (which read Secret values only when they start). Without any (an
-/// offline render) the hash is the configuration's alone.
-pub fn build_with_secrets(
-    cs: &ChatService,
-    config: &ConfigSet,
-    secret_versions: &BTreeMap<String, String>,
-) -> Desired {
-    let name = cs.name_any();
-    let namespace = cs.namespace();
-    let env = cs.spec.environment.as_str();
-    let labels = meta::labels(&name, env);
-    let owner: Option<OwnerReference> = cs.controller_owner_ref(&());
+/// What every child of one ChatService shares: its name, metadata and pod selector.
+struct Children {
+    name: String,
+    namespace: Option<String>,
+    labels: BTreeMap<String, String>,
+    selector: BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+}
 
-    let metadata = |object_name: String| ObjectMeta {
-        name: Some(object_name),
-        namespace: namespace.clone(),
-        labels: Some(labels.clone()),
-        owner_references: owner.clone().map(|o| vec![o]),
-        ..ObjectMeta::default()
-    };
+impl Children {
+    fn of(cs: &ChatService) -> Children {
+        let name = cs.name_any();
+        Children {
+            labels: meta::labels(&name, cs.spec.environment.as_str()),
+            selector: meta::selector_labels(&name),
+            namespace: cs.namespace(),
+            owner: cs.controller_owner_ref(&()),
+            name,
+        }
+    }
 
-    // Literals go to the ConfigMap, Secret references stay references.
+    /// The metadata of the child called `object_name`.
+    fn metadata(&self, object_name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(object_name),
+            namespace: self.namespace.clone(),
+            labels: Some(self.labels.clone()),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn label_selector(&self) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(self.selector.clone()),
+            ..LabelSelector::default()
+        }
+    }
+}
+
+/// The ConfigMap of the configuration's literals (and the keys the operator sets), and
+/// the container's variables for its Secret references, which stay references.
+fn build_config_map(children: &Children, config: &ConfigSet) -> (ConfigMap, Vec<EnvVar>) {
     let mut data = BTreeMap::new();
     let mut secret_env = Vec::new();
     for (key, value) in &config.values {
@@ -142,10 +182,18 @@ pub fn build_with_secrets(
             ConfigValue::SecretRef {
                 secret,
                 key: secret_key,
-            } => secret_env.push(json!({
-                "name": key,
-                "valueFrom": { "secretKeyRef": { "name": secret, "key": secret_key } },
-            })),
+            } => secret_env.push(EnvVar {
+                name: key.clone(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.clone(),
+                        key: secret_key.clone(),
+                        optional: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            }),
         }
     }
     for (k, v) in OPERATOR_SET {
@@ -153,24 +201,55 @@ pub fn build_with_secrets(
     }
     data.entry(DEFAULT_LOG_FORMAT.0.to_owned())
         .or_insert_with(|| DEFAULT_LOG_FORMAT.1.to_owned());
-
-    let config_hash = {
-        let text = if secret_versions.is_empty() {
-            serde_json::to_string(&(&data, &secret_env))
-        } else {
-            serde_json::to_string(&(&data, &secret_env, secret_versions))
-        }
-        .unwrap_or_default();
-        meta::stable_hash(text.as_bytes())
-    };
-
-    let cm_name = meta::config_map_name(&name);
-    let config_map = with_applied_hash(ConfigMap {
-        metadata: metadata(cm_name.clone()),
+    let config_map = ConfigMap {
+        metadata: children.metadata(meta::config_map_name(&children.name)),
         data: Some(data),
         ..ConfigMap::default()
-    });
+    };
+    (config_map, secret_env)
+}
 
+/// The hash of what the pods read at start: the ConfigMap's data, the Secret
+/// references, and (in the cluster) the versions of the referenced Secrets.
+fn config_hash(
+    config_map: &ConfigMap,
+    secret_env: &[EnvVar],
+    secret_versions: &BTreeMap<String, String>,
+) -> String {
+    let empty = BTreeMap::new();
+    let data = config_map.data.as_ref().unwrap_or(&empty);
+    let text = if secret_versions.is_empty() {
+        serde_json::to_string(&(data, secret_env))
+    } else {
+        serde_json::to_string(&(data, secret_env, secret_versions))
+    }
+    .unwrap_or_default();
+    meta::stable_hash(text.as_bytes())
+}
+
+/// An HTTP probe of the service's port.
+fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(PORT_NAME.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(PROBE_TIMEOUT_SECONDS.min(period)),
+        ..Probe::default()
+    }
+}
+
+/// The Deployment running the gated service; `secret_env` are the container's
+/// variables read from Secrets, `config_hash` rolls the pods when it changes.
+fn build_deployment(
+    children: &Children,
+    cs: &ChatService,
+    secret_env: Vec<EnvVar>,
+    config_hash: &str,
+) -> Deployment {
     let spec = &cs.spec;
     let period = spec.startup.period_seconds.max(1);
     // The CRD requires the budget to be a multiple of the period; rounding up keeps the
@@ -178,131 +257,166 @@ pub fn build_with_secrets(
     let startup_failure_threshold = (spec.startup.budget_seconds.max(1) + period - 1) / period;
     let drain = spec.rollout.drain_seconds.max(0);
     let grace = PRE_STOP_SECONDS + drain + GRACE_MARGIN_SECONDS;
-    let probe = |path: &str, period: i32, failure_threshold: i32| {
-        json!({
-            "httpGet": { "path": path, "port": PORT_NAME },
-            "periodSeconds": period,
-            "failureThreshold": failure_threshold,
-            "timeoutSeconds": PROBE_TIMEOUT_SECONDS.min(period),
+    let runtime_default_seccomp = || {
+        Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
         })
     };
-    let mut container = json!({
-        "name": CONTAINER_NAME,
-        "image": spec.image,
-        "ports": [{ "name": PORT_NAME, "containerPort": i32::from(paths::DEFAULT_PORT), "protocol": "TCP" }],
-        "envFrom": [{ "configMapRef": { "name": cm_name } }],
-        "startupProbe": probe(paths::HEALTH_STARTUP, period, startup_failure_threshold),
-        "readinessProbe": probe(paths::HEALTH_READY, READINESS_PERIOD_SECONDS, 1),
-        "livenessProbe": probe(paths::HEALTH_LIVE, LIVENESS_PERIOD_SECONDS, LIVENESS_FAILURE_THRESHOLD),
-        "lifecycle": { "preStop": { "sleep": { "seconds": PRE_STOP_SECONDS } } },
-        "terminationMessagePath": paths::DEFAULT_TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": RUN_AS_USER,
-            "readOnlyRootFilesystem": true,
-            "allowPrivilegeEscalation": false,
-            "capabilities": { "drop": ["ALL"] },
-            "seccompProfile": { "type": "RuntimeDefault" },
-        },
-        "volumeMounts": [{ "name": "tmp", "mountPath": "/tmp" }],
-    });
-    if !secret_env.is_empty() {
-        container["env"] = Value::Array(secret_env);
-    }
-    // A container without requests is scheduled as if it needed nothing and, without
-    // limits, can take the node's memory: the defaults apply when the spec names none.
-    let resources = spec.resources.clone().unwrap_or_else(default_resources);
-    container["resources"] = serde_json::to_value(resources).unwrap_or_default();
-
-    let selector = meta::selector_labels(&name);
-    let mut deployment = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(name.clone()),
-        "spec": {
-            "replicas": spec.replicas,
-            "selector": { "matchLabels": selector },
-            "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
-            "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": { "maxUnavailable": 0, "maxSurge": spec.rollout.max_surge.max(1) },
+    let container = Container {
+        name: CONTAINER_NAME.to_owned(),
+        image: Some(spec.image.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some(PORT_NAME.to_owned()),
+            container_port: i32::from(paths::DEFAULT_PORT),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: meta::config_map_name(&children.name),
+                optional: None,
+            }),
+            ..EnvFromSource::default()
+        }]),
+        env: (!secret_env.is_empty()).then_some(secret_env),
+        startup_probe: Some(probe(
+            paths::HEALTH_STARTUP,
+            period,
+            startup_failure_threshold,
+        )),
+        readiness_probe: Some(probe(paths::HEALTH_READY, READINESS_PERIOD_SECONDS, 1)),
+        liveness_probe: Some(probe(
+            paths::HEALTH_LIVE,
+            LIVENESS_PERIOD_SECONDS,
+            LIVENESS_FAILURE_THRESHOLD,
+        )),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: i64::from(PRE_STOP_SECONDS),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        termination_message_path: Some(paths::DEFAULT_TERMINATION_LOG.to_owned()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: runtime_default_seccomp(),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        }]),
+        // A container without requests is scheduled as if it needed nothing and,
+        // without limits, can take the node's memory: the defaults apply when the spec
+        // names none.
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        ..Container::default()
+    };
+    let scheduling = spec.scheduling.as_ref();
+    let pod = PodSpec {
+        containers: vec![container],
+        termination_grace_period_seconds: Some(i64::from(grace)),
+        // The service never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            run_as_group: Some(RUN_AS_USER),
+            fs_group: Some(RUN_AS_USER),
+            seccomp_profile: runtime_default_seccomp(),
+            ..PodSecurityContext::default()
+        }),
+        volumes: Some(vec![Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        }]),
+        node_selector: scheduling
+            .filter(|s| !s.node_selector.is_empty())
+            .map(|s| s.node_selector.clone()),
+        tolerations: scheduling
+            .filter(|s| !s.tolerations.is_empty())
+            .map(|s| s.tolerations.clone()),
+        ..PodSpec::default()
+    };
+    Deployment {
+        metadata: children.metadata(children.name.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: children.label_selector(),
+            revision_history_limit: Some(REVISION_HISTORY_LIMIT),
+            progress_deadline_seconds: Some(spec.rollout.progress_deadline_seconds),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(spec.rollout.max_surge.max(1))),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(children.labels.clone()),
+                    annotations: Some(BTreeMap::from([(
+                        ANNOTATION_CONFIG_HASH.to_owned(),
+                        config_hash.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
             },
-            "template": {
-                "metadata": {
-                    "labels": labels,
-                    "annotations": {
-                        ANNOTATION_CONFIG_HASH: config_hash,
-                    },
-                },
-                "spec": {
-                    "containers": [container],
-                    "terminationGracePeriodSeconds": grace,
-                    // The service never talks to the Kubernetes API.
-                    "automountServiceAccountToken": false,
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": RUN_AS_USER,
-                        "runAsGroup": RUN_AS_USER,
-                        "fsGroup": RUN_AS_USER,
-                        "seccompProfile": { "type": "RuntimeDefault" },
-                    },
-                    "volumes": [{ "name": "tmp", "emptyDir": {} }],
-                },
-            },
-        },
-    });
-    if let Some(scheduling) = &spec.scheduling {
-        let pod = &mut deployment["spec"]["template"]["spec"];
-        if !scheduling.node_selector.is_empty() {
-            pod["nodeSelector"] = json!(scheduling.node_selector);
-        }
-        if !scheduling.tolerations.is_empty() {
-            pod["tolerations"] = serde_json::to_value(&scheduling.tolerations).unwrap_or_default();
-        }
-    }
-    let deployment: Deployment = typed(deployment);
-
-    let service: Service = typed(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(name.clone()),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector,
-            "ports": [{ "name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP" }],
-        },
-    }));
-
-    let pod_disruption_budget = (spec.replicas >= 2).then(|| {
-        typed::<PodDisruptionBudget>(json!({
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": metadata(name.clone()),
-            "spec": {
-                "maxUnavailable": 1,
-                "selector": { "matchLabels": selector },
-                // A pod that never became ready protects nothing: let drains evict it.
-                "unhealthyPodEvictionPolicy": "AlwaysAllow",
-            },
-        }))
-    });
-
-    Desired {
-        config_map,
-        deployment: with_applied_hash(deployment),
-        service: with_applied_hash(service),
-        pod_disruption_budget: pod_disruption_budget.map(with_applied_hash),
-        config_hash,
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
     }
 }
 
-/// `value` (built here from typed parts) as the typed object. The JSON is built from
-/// typed values, so a mismatch is a bug in this file, caught by the unit tests.
-fn typed<T: DeserializeOwned>(value: Value) -> T {
-    serde_json::from_value(value).expect("children are built from typed values")
+/// The ClusterIP Service in front of the pods.
+fn build_service(children: &Children) -> Service {
+    Service {
+        metadata: children.metadata(children.name.clone()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(children.selector.clone()),
+            ports: Some(vec![ServicePort {
+                name: Some(PORT_NAME.to_owned()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String(PORT_NAME.to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The PodDisruptionBudget that lets a drain take one pod at a time.
+fn build_pod_disruption_budget(children: &Children) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: children.metadata(children.name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(children.label_selector()),
+            // A pod that never became ready protects nothing: let drains evict it.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
 }
 
 /// The object with [`ANNOTATION_APPLIED_HASH`] set to the hash of its content.

@@ -6,13 +6,11 @@
 
 use crate::apply::{self, ApplyError, Stores, WriteError};
 use crate::build::{self, CONTAINER_NAME};
-use crate::configuration::declared_config;
 use crate::crd::{ChatService, ChatServiceStatus};
 use crate::meta::{FIELD_MANAGER, LABEL_INSTANCE};
 use crate::metrics::Metrics;
-use crate::status::{self, Observed, Rollout};
+use crate::status::{self, Applying, NotApplied, Observed};
 use crate::validation;
-use chatgate_contract::config::KEY_PREFIX;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -186,69 +184,62 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
             })?;
 
     // 2 + 3. Build and apply, unless the configuration must not roll out.
-    let prev = cs.status.clone().unwrap_or_default();
-    let live_deployment = || {
-        ctx.stores
-            .deployments
-            .get(&ObjectRef::new(&name).within(&namespace))
-    };
-    let prev_applied = prev
-        .applied_config_hash
-        .clone()
-        .zip(prev.applied_generation);
+    let prev_conditions = cs
+        .status
+        .as_ref()
+        .map_or(&[][..], |s| s.conditions.as_slice());
     let mut apply_error = None;
-    let mut not_owned = None;
-    let (deployment, applied) = if validation.blocks_rollout() {
-        debug!(
-            problems = validation.all_problems().count(),
-            "configuration blocked; the last good workload stays"
-        );
-        (live_deployment(), prev_applied)
-    } else {
-        let config_map_data = validation.config_map_data.as_ref().map(|d| {
-            d.iter()
-                .filter(|(k, _)| k.starts_with(KEY_PREFIX))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<BTreeMap<_, _>>()
-        });
-        let (config, _) = declared_config(&cs.spec, config_map_data.as_ref());
-        let desired = build::build_with_secrets(cs, &config, &validation.secret_versions);
-        match apply::apply(&ctx.client, &ctx.stores, &desired).await {
-            Ok(result) => {
-                ctx.metrics.wrote("children", u64::from(result.writes));
-                if result.writes > 0 {
-                    info!(writes = result.writes, config_hash = %desired.config_hash, "applied children");
+    let applied = match validation.rollout() {
+        None => {
+            debug!(
+                problems = validation.all_problems().count(),
+                "configuration blocked; the last good workload stays"
+            );
+            Err(NotApplied::Blocked)
+        }
+        Some(spec) => {
+            let desired = build::build(cs, spec);
+            match apply::apply(&ctx.client, &ctx.stores, &desired).await {
+                Ok(applied) => {
+                    ctx.metrics.wrote("children", u64::from(applied.writes()));
+                    if applied.writes() > 0 {
+                        info!(writes = applied.writes(), config_hash = %applied.config_hash(), "applied children");
+                    }
+                    Ok(applied)
                 }
-                let applied =
-                    if prev.applied_config_hash.as_deref() == Some(desired.config_hash.as_str()) {
-                        // Same configuration: keep the generation that first rolled it out.
-                        prev.applied_config_hash
-                            .clone()
-                            .zip(prev.applied_generation.or(cs.metadata.generation))
-                    } else {
-                        Some((
-                            desired.config_hash.clone(),
-                            cs.metadata.generation.unwrap_or(0),
-                        ))
-                    };
-                (Some(result.deployment), applied)
-            }
-            Err(ApplyError::Write(e)) => {
-                // Said on the status too, then retried through the error policy.
-                apply_error = Some(e);
-                (live_deployment(), prev_applied)
-            }
-            Err(ApplyError::NotOwned(e)) => {
-                // A person must act; said on the status, looked at again now and then
-                // (the foreign object is outside the operator's labelled watches).
-                warn!(error = %e, "a child's name is taken");
-                not_owned = Some(e);
-                (live_deployment(), prev_applied)
+                Err(ApplyError::Write(e)) => {
+                    // Said on the status too, then retried through the error policy.
+                    let why = NotApplied::Failed(e.to_string());
+                    apply_error = Some(e);
+                    Err(why)
+                }
+                Err(ApplyError::NotOwned(e)) => {
+                    // A person must act; said on the status, looked at again now and
+                    // then (the foreign object is outside the operator's labelled
+                    // watches).
+                    warn!(error = %e, "a child's name is taken");
+                    Err(NotApplied::NotOwned(e.to_string()))
+                }
             }
         }
     };
+    let not_owned = matches!(applied, Err(NotApplied::NotOwned(_)));
 
-    // 4. Status, from what was applied and what the pods report.
+    // 4. Status, from what was applied (or what still runs) and what the pods report.
+    let running = match &applied {
+        Ok(_) => None,
+        Err(_) => ctx
+            .stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(&namespace)),
+    };
+    let applying = match &applied {
+        Ok(applied) => Applying::Applied(applied),
+        Err(why) => Applying::NotApplied {
+            why: why.clone(),
+            running: running.as_deref(),
+        },
+    };
     let pods: Vec<Pod> = ctx
         .stores
         .pods
@@ -258,16 +249,12 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         .filter(|p| p.labels().get(LABEL_INSTANCE) == Some(&name))
         .map(|p| p.as_ref().clone())
         .collect();
-    let observed = Observed {
-        generation: cs.metadata.generation,
-        desired_replicas: cs.spec.replicas,
-        validation: &validation,
-        rollout: deployment.as_deref().map(Rollout::of),
-        startup_failures: status::startup_failures(&pods, CONTAINER_NAME),
-        applied,
-        apply_error: apply_error.as_ref().map(ToString::to_string),
-        not_owned: not_owned.as_ref().map(ToString::to_string),
-    };
+    let observed = Observed::new(
+        cs,
+        &validation,
+        &applying,
+        status::startup_failures(&pods, CONTAINER_NAME),
+    );
     let next = status::desired_status(cs.status.as_ref(), &observed, &(ctx.clock)());
     ctx.metrics.observe_chatservice(cs, &next, Instant::now());
     if cs.status.as_ref() != Some(&next) {
@@ -282,13 +269,13 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         tokio::spawn(publish_transitions(
             ctx.recorder.clone(),
             cs.object_ref(&()),
-            status::transitions(&prev.conditions, &next.conditions),
+            status::transitions(prev_conditions, &next.conditions),
         ));
     }
     if let Some(e) = apply_error {
         return Err(e.into());
     }
-    if not_owned.is_some() {
+    if not_owned {
         return Ok(Action::requeue(NOT_OWNED_RECHECK.min(ctx.resync)));
     }
     Ok(Action::requeue(ctx.resync))

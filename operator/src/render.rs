@@ -3,10 +3,9 @@
 //! Knative Service for Cloud Run or Knative Serving — for review, GitOps and deploys.
 
 use crate::build::build;
-use crate::configuration::declared_config;
 use crate::crd::ChatService;
 use crate::serverless::{self, Target};
-use chatgate_contract::config::Origin;
+use crate::validation::ValidatedSpec;
 use kube::ResourceExt;
 use serde::Deserialize;
 use std::io::Read;
@@ -119,26 +118,27 @@ pub fn render_with(
         if cs.namespace().is_none() {
             cs.metadata.namespace = Some(namespace.to_owned());
         }
-        let (config, mut problems) = declared_config(&cs.spec, None);
-        problems.extend(config.validate(Origin::Manifest));
+        // Offline nothing is read: no ConfigMap, no Secrets, no baseline.
+        let (spec, problems) = ValidatedSpec::declared(&cs, None);
+        let config = spec.config();
         for p in &problems {
             let _ = writeln!(warnings, "warning: ChatService {}: {p}", cs.name_any());
         }
         let name = cs.name_any();
         let printed = match target {
-            Target::Kubernetes => build(&cs, &config).to_yaml(),
+            Target::Kubernetes => build(&cs, &spec).to_yaml(),
             Target::Cloudrun | Target::Knative => {
-                let refusals = serverless::refusals(&cs, &config, target);
+                let refusals = serverless::refusals(&cs, config, target);
                 if !refusals.is_empty() {
                     refused.extend(refusals.iter().map(|r| {
                         format!("ChatService {name}: cannot run on {}: {r}", target.as_str())
                     }));
                     continue;
                 }
-                for note in serverless::notes(&config, target) {
+                for note in serverless::notes(config, target) {
                     let _ = writeln!(warnings, "note: ChatService {name}: {note}");
                 }
-                let mut service = serverless::knative_service(&cs, &config, target);
+                let mut service = serverless::knative_service(&cs, config, target);
                 if let Some(project) = project {
                     service.set_env("GOOGLE_CLOUD_PROJECT", project);
                 }

@@ -6,8 +6,9 @@
 //! while True; every condition carries the generation it describes, and its
 //! `lastTransitionTime` moves only when its status flips ([`conditions::merge`]).
 
+use crate::apply::Applied;
 use crate::conditions::{self, Decided, reason};
-use crate::crd::{ChatServiceStatus, ConfigProblem, ParityMode, StartupFailure};
+use crate::crd::{ChatService, ChatServiceStatus, ConfigProblem, ParityMode, StartupFailure};
 use crate::validation::Validation;
 use chatgate_contract::TerminationMessage;
 use chatgate_contract::config::{Problem, ProblemKind};
@@ -65,24 +66,112 @@ impl Rollout {
     }
 }
 
-/// Everything the status is decided from.
+/// What the apply step did this reconcile, as the status step is told it.
+#[derive(Debug, Clone)]
+pub enum Applying<'a> {
+    /// The children were applied (or already were as wanted).
+    Applied(&'a Applied),
+    /// Nothing was applied this time. `running` is the Deployment as the operator's
+    /// watch cache last saw it, which keeps serving (`None`: there is none); its rollout
+    /// is reported, but never as the applied one.
+    NotApplied {
+        why: NotApplied,
+        running: Option<&'a Deployment>,
+    },
+}
+
+/// Why nothing was applied this reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotApplied {
+    /// Validation found a problem that blocks the rollout.
+    Blocked,
+    /// A request failed; the operator retries.
+    Failed(String),
+    /// A child's name is taken by an object this ChatService does not control.
+    NotOwned(String),
+}
+
+/// Everything the status is decided from. Made only by [`Observed::new`] (the unit
+/// tests beside this module set its fields directly).
 #[derive(Debug, Clone)]
 pub struct Observed<'a> {
     /// `metadata.generation` of the ChatService.
-    pub generation: Option<i64>,
+    generation: Option<i64>,
     /// `spec.replicas`.
-    pub desired_replicas: i32,
-    pub validation: &'a Validation,
+    desired_replicas: i32,
+    validation: &'a Validation,
     /// The Deployment's rollout; `None` while no Deployment exists.
-    pub rollout: Option<Rollout>,
+    rollout: Option<Rollout>,
     /// Pods failing startup, from their termination messages.
-    pub startup_failures: Vec<StartupFailure>,
+    startup_failures: Vec<StartupFailure>,
     /// Config hash and generation now rolled out (`None` when nothing ever was).
-    pub applied: Option<(String, i64)>,
+    applied: Option<(String, i64)>,
     /// Why applying the children failed this time (the operator retries).
-    pub apply_error: Option<String>,
+    apply_error: Option<String>,
     /// A child's name is taken by an object this ChatService does not control.
-    pub not_owned: Option<String>,
+    not_owned: Option<String>,
+}
+
+impl<'a> Observed<'a> {
+    /// What the status of `cs` is decided from: its validation, what the apply step
+    /// did, and the pods failing startup.
+    pub fn new(
+        cs: &ChatService,
+        validation: &'a Validation,
+        applying: &Applying<'_>,
+        startup_failures: Vec<StartupFailure>,
+    ) -> Observed<'a> {
+        let generation = cs.metadata.generation;
+        let (rollout, applied_now, why) = match applying {
+            Applying::Applied(applied) => (
+                Some(Rollout::of(applied.deployment())),
+                Some(applied.config_hash()),
+                None,
+            ),
+            Applying::NotApplied { why, running } => (running.map(Rollout::of), None, Some(why)),
+        };
+        Observed {
+            generation,
+            desired_replicas: cs.spec.replicas,
+            validation,
+            rollout,
+            startup_failures,
+            applied: applied_config(cs.status.as_ref(), generation, applied_now),
+            apply_error: match why {
+                Some(NotApplied::Failed(e)) => Some(e.clone()),
+                _ => None,
+            },
+            not_owned: match why {
+                Some(NotApplied::NotOwned(e)) => Some(e.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The configuration hash the Deployment runs and the generation that first rolled it
+/// out, as `status.appliedConfigHash` and `status.appliedGeneration` report them.
+///
+/// `applied_now` is the hash applied this reconcile (`None`: nothing was applied, so
+/// what the previous status says still runs). Applying the configuration that already
+/// runs keeps the generation that first rolled it out; a new configuration is the
+/// current generation's.
+pub fn applied_config(
+    prev: Option<&ChatServiceStatus>,
+    generation: Option<i64>,
+    applied_now: Option<&str>,
+) -> Option<(String, i64)> {
+    let prev_hash = prev.and_then(|p| p.applied_config_hash.as_deref());
+    let prev_generation = prev.and_then(|p| p.applied_generation);
+    match applied_now {
+        None => prev_hash
+            .zip(prev_generation)
+            .map(|(hash, g)| (hash.to_owned(), g)),
+        Some(hash) if prev_hash == Some(hash) => {
+            prev_generation.or(generation).map(|g| (hash.to_owned(), g))
+        }
+        Some(hash) => Some((hash.to_owned(), generation.unwrap_or(0))),
+    }
 }
 
 /// The status to write, given the previous one and what was observed at `now`.

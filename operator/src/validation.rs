@@ -2,9 +2,11 @@
 //! it references, and parity with the production baseline.
 //!
 //! [`evaluate`] is pure: it sees the ChatService and what [`crate::dereference`]
-//! read for it, and returns every problem at once. The operator runs it through
+//! read for it, and returns every problem at once, with the effective configuration
+//! built once ([`ValidatedSpec`]) for the build step. The operator runs it through
 //! [`check`]; `chatgate-operator validate` runs the same function on manifests, so
-//! a pipeline and the cluster can never disagree about a configuration.
+//! a pipeline and the cluster can never disagree about a configuration, and
+//! `chatgate-operator render` builds from the same [`ValidatedSpec`].
 
 use crate::configuration::{STRUCTURED_KEYS, declared_config};
 use crate::crd::{ChatService, ParityMode};
@@ -24,7 +26,7 @@ pub const BASELINE_FIELD: &str = "spec.parity.baseline";
 /// The `key` of a problem about `spec.parity` on a production resource.
 pub const PARITY_FIELD: &str = "spec.parity";
 
-/// What validation found for one ChatService.
+/// What validation found for one ChatService, and the configuration it validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Validation {
     /// Problems with this resource's own configuration and references (`ConfigValid`).
@@ -33,9 +35,50 @@ pub struct Validation {
     pub parity: Option<ParityOutcome>,
     /// Data of `spec.configMapRef` as read, so the workload can roll when it changes.
     pub config_map_data: Option<BTreeMap<String, String>>,
+    /// What was validated; handed to the build step only through [`Validation::rollout`].
+    spec: ValidatedSpec,
+}
+
+/// A ChatService's effective configuration, built once from its spec and the ConfigMap
+/// read for it, with what else the build step needs. Keys the spec spells wrongly (a
+/// structured key set as a free-form one) are already left out; the problems found
+/// stay with the [`Validation`] (or the caller of [`ValidatedSpec::declared`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ValidatedSpec {
+    config: ConfigSet,
     /// `resourceVersion` of each referenced Secret that was found, by name, so the
     /// workload rolls when a referenced Secret is rotated.
-    pub secret_versions: BTreeMap<String, String>,
+    secret_versions: BTreeMap<String, String>,
+}
+
+impl ValidatedSpec {
+    /// The configuration `cs` declares, with the data of its `spec.configMapRef` when
+    /// that was read (only its `CHATGATE_*` keys count), and the problems that can be
+    /// found without a cluster: how the spec spells it and what the values are. The
+    /// offline `render` takes this; [`evaluate`] starts from it.
+    pub fn declared(
+        cs: &ChatService,
+        config_map_data: Option<&BTreeMap<String, String>>,
+    ) -> (ValidatedSpec, Vec<Problem>) {
+        let (config, mut problems) =
+            declared_config(&cs.spec, config_map_data.map(configuration_keys).as_ref());
+        problems.extend(config.validate(Origin::Manifest));
+        let spec = ValidatedSpec {
+            config,
+            secret_versions: BTreeMap::new(),
+        };
+        (spec, problems)
+    }
+
+    /// The configuration the pods get.
+    pub fn config(&self) -> &ConfigSet {
+        &self.config
+    }
+
+    /// `resourceVersion` of each referenced Secret that was read, by name (none offline).
+    pub fn secret_versions(&self) -> &BTreeMap<String, String> {
+        &self.secret_versions
+    }
 }
 
 /// The result of comparing with the baseline.
@@ -48,6 +91,17 @@ pub struct ParityOutcome {
 }
 
 impl Validation {
+    /// What to roll out: the validated spec, unless a problem blocks the rollout.
+    pub fn rollout(&self) -> Option<&ValidatedSpec> {
+        (!self.blocks_rollout()).then_some(&self.spec)
+    }
+
+    /// The validated spec whether or not a problem blocks it, for the offline checks
+    /// that report on a configuration rather than roll it out.
+    pub fn spec(&self) -> &ValidatedSpec {
+        &self.spec
+    }
+
     /// A configuration that must not be rolled out: the last good one keeps serving.
     pub fn blocks_rollout(&self) -> bool {
         !self.config_problems.is_empty()
@@ -125,14 +179,10 @@ pub fn evaluate(cs: &ChatService, read: &Dereferenced) -> Validation {
         (_, _) => None,
     };
 
-    let (config, declared) = declared_config(
-        &cs.spec,
-        config_map_data.as_ref().map(configuration_keys).as_ref(),
-    );
+    let (mut spec, declared) = ValidatedSpec::declared(cs, config_map_data.as_ref());
     problems.extend(declared);
-    problems.extend(config.validate(Origin::Manifest));
     if let Some(secrets) = &read.secrets {
-        problems.extend(reference_problems(&config, secrets, env, &namespace));
+        problems.extend(reference_problems(&spec.config, secrets, env, &namespace));
     }
 
     if env == Environment::Production && cs.spec.parity.is_some() {
@@ -145,7 +195,7 @@ pub fn evaluate(cs: &ChatService, read: &Dereferenced) -> Validation {
         ));
     }
 
-    let secret_versions = read
+    spec.secret_versions = read
         .secrets
         .iter()
         .flatten()
@@ -156,9 +206,9 @@ pub fn evaluate(cs: &ChatService, read: &Dereferenced) -> Validation {
         .collect();
     Validation {
         config_problems: problems,
-        parity: parity(cs, &config, read, &namespace),
+        parity: parity(cs, &spec.config, read, &namespace),
         config_map_data,
-        secret_versions,
+        spec,
     }
 }
 

@@ -7,9 +7,9 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn built(cs: &ChatService) -> Desired {
-    let (config, problems) = declared_config(&cs.spec, None);
+    let (_, problems) = declared_config(&cs.spec, None);
     assert!(problems.is_empty(), "{problems:?}");
-    build(cs, &config)
+    build(cs, &ValidatedSpec::declared(cs, None).0)
 }
 
 fn default_cs() -> ChatService {

@@ -36,6 +36,20 @@ fn observed<'a>(v: &'a Validation, r: Option<Rollout>) -> Observed<'a> {
     }
 }
 
+/// What validation found, as the status step reads it.
+#[derive(Default)]
+struct Found {
+    config_problems: Vec<Problem>,
+    parity: Option<ParityOutcome>,
+}
+
+fn found(f: Found) -> Validation {
+    let mut v = Validation::default();
+    v.config_problems = f.config_problems;
+    v.parity = f.parity;
+    v
+}
+
 fn problem(key: &str, kind: ProblemKind) -> Problem {
     Problem::new(
         key,
@@ -101,13 +115,13 @@ fn old_pods_still_running_keep_it_reconciling() {
 
 #[test]
 fn invalid_config_stalls_and_names_every_key_while_the_old_generation_serves() {
-    let v = Validation {
+    let v = found(Found {
         config_problems: vec![
             problem("CHATGATE_LLM_API_KEY", ProblemKind::MissingReference),
             problem("CHATGATE_JWT_ISSUER", ProblemKind::Required),
         ],
-        ..Validation::default()
-    };
+        ..Found::default()
+    });
     let mut o = observed(&v, Some(rollout(2, 2, 2)));
     o.generation = Some(3);
     let s = desired_status(None, &o, &at(1));
@@ -137,13 +151,15 @@ fn invalid_config_stalls_and_names_every_key_while_the_old_generation_serves() {
 
 #[test]
 fn enforced_parity_violation_stalls_and_warn_only_reports() {
-    let parity = |mode| Validation {
-        parity: Some(ParityOutcome {
-            baseline: "prod/chat".into(),
-            mode,
-            problems: vec![problem("CHATGATE_JWT_ALGORITHM", ProblemKind::ParityMatch)],
-        }),
-        ..Validation::default()
+    let parity = |mode| {
+        found(Found {
+            parity: Some(ParityOutcome {
+                baseline: "prod/chat".into(),
+                mode,
+                problems: vec![problem("CHATGATE_JWT_ALGORITHM", ProblemKind::ParityMatch)],
+            }),
+            ..Found::default()
+        })
     };
     let enforce = parity(ParityMode::Enforce);
     let s = desired_status(None, &observed(&enforce, Some(rollout(2, 2, 2))), &at(1));
@@ -166,7 +182,7 @@ fn enforced_parity_violation_stalls_and_warn_only_reports() {
 
 #[test]
 fn a_missing_baseline_is_named_as_such() {
-    let v = Validation {
+    let v = found(Found {
         parity: Some(ParityOutcome {
             baseline: "prod/chat".into(),
             mode: ParityMode::Enforce,
@@ -175,8 +191,8 @@ fn a_missing_baseline_is_named_as_such() {
                 ProblemKind::BaselineMissing,
             )],
         }),
-        ..Validation::default()
-    };
+        ..Found::default()
+    });
     let s = desired_status(None, &observed(&v, Some(rollout(2, 2, 2))), &at(1));
     assert_eq!(
         find(&s.conditions, STALLED).unwrap().reason,
@@ -186,14 +202,14 @@ fn a_missing_baseline_is_named_as_such() {
 
 #[test]
 fn parity_in_order_is_reported_true() {
-    let v = Validation {
+    let v = found(Found {
         parity: Some(ParityOutcome {
             baseline: "prod/chat".into(),
             mode: ParityMode::Enforce,
             problems: vec![],
         }),
-        ..Validation::default()
-    };
+        ..Found::default()
+    });
     let s = desired_status(None, &observed(&v, Some(rollout(2, 2, 2))), &at(1));
     assert!(is_true(&s.conditions, PARITY_OK));
     assert!(is_true(&s.conditions, READY));
@@ -342,10 +358,10 @@ fn transitions_are_new_or_changed_conditions_only() {
     let t = transitions(&a.conditions, &b.conditions);
     let names: Vec<_> = t.iter().map(|t| t.type_.as_str()).collect();
     assert_eq!(names, [READY, STARTUP_COMPLETE]);
-    let bad = Validation {
+    let bad = found(Found {
         config_problems: vec![problem("X", ProblemKind::Required)],
-        ..Validation::default()
-    };
+        ..Found::default()
+    });
     let c = desired_status(Some(&b), &observed(&bad, Some(rollout(2, 2, 2))), &at(3));
     let t = transitions(&b.conditions, &c.conditions);
     assert!(t.iter().any(|t| t.type_ == STALLED && t.warning));
@@ -366,4 +382,83 @@ fn a_failed_apply_is_reported_as_reconciling_and_not_ready() {
         ("False", "ApplyFailed")
     );
     assert!(find(&s.conditions, STALLED).is_none());
+}
+
+fn applied_before(hash: Option<&str>, generation: Option<i64>) -> ChatServiceStatus {
+    ChatServiceStatus {
+        applied_config_hash: hash.map(str::to_owned),
+        applied_generation: generation,
+        ..ChatServiceStatus::default()
+    }
+}
+
+#[test]
+fn a_first_apply_is_the_current_generations() {
+    assert_eq!(
+        applied_config(None, Some(4), Some("h1")),
+        Some(("h1".into(), 4))
+    );
+    // A ChatService without a generation (not from the API server) counts as 0.
+    assert_eq!(
+        applied_config(None, None, Some("h1")),
+        Some(("h1".into(), 0))
+    );
+}
+
+#[test]
+fn reapplying_the_running_configuration_keeps_the_generation_that_rolled_it_out() {
+    let prev = applied_before(Some("h1"), Some(2));
+    assert_eq!(
+        applied_config(Some(&prev), Some(5), Some("h1")),
+        Some(("h1".into(), 2))
+    );
+    // A status that lost its generation takes the current one.
+    let prev = applied_before(Some("h1"), None);
+    assert_eq!(
+        applied_config(Some(&prev), Some(5), Some("h1")),
+        Some(("h1".into(), 5))
+    );
+}
+
+#[test]
+fn a_new_configuration_is_the_current_generations() {
+    let prev = applied_before(Some("h1"), Some(2));
+    assert_eq!(
+        applied_config(Some(&prev), Some(5), Some("h2")),
+        Some(("h2".into(), 5))
+    );
+}
+
+#[test]
+fn when_nothing_is_applied_the_previous_configuration_still_runs() {
+    let prev = applied_before(Some("h1"), Some(2));
+    assert_eq!(
+        applied_config(Some(&prev), Some(5), None),
+        Some(("h1".into(), 2))
+    );
+    assert_eq!(applied_config(None, Some(5), None), None);
+    // Half a record says nothing reliable.
+    let half = applied_before(Some("h1"), None);
+    assert_eq!(applied_config(Some(&half), Some(5), None), None);
+}
+
+#[test]
+fn a_deployment_not_applied_this_time_is_observed_but_not_taken_as_applied() {
+    let cs = ChatService::test("chat").stored("u", 7).build();
+    let v = Validation::default();
+    let running = Deployment::default();
+    let o = Observed::new(
+        &cs,
+        &v,
+        &Applying::NotApplied {
+            why: NotApplied::Failed("boom".into()),
+            running: Some(&running),
+        },
+        vec![],
+    );
+    assert_eq!(o.rollout, Some(Rollout::default()));
+    assert_eq!(o.applied, None);
+    assert_eq!(o.apply_error.as_deref(), Some("boom"));
+    assert_eq!(o.not_owned, None);
+    assert_eq!(o.generation, Some(7));
 }
