@@ -1,13 +1,14 @@
 //! "Did you mean" for misspelt keys and manifest field names.
 
 /// The candidate nearest to a misspelt word (at most three edits away), for "did you
-/// mean" hints on keys and on manifest field names alike.
-pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+/// mean" hints on keys and on manifest field names alike. Of equally near candidates
+/// the alphabetically first wins, so the hint does not depend on their order.
+pub fn closest<C: AsRef<str>>(word: &str, candidates: impl IntoIterator<Item = C>) -> Option<C> {
     candidates
         .into_iter()
-        .map(|c| (edit_distance(word, c), c))
+        .map(|c| (edit_distance(word, c.as_ref()), c))
         .filter(|(d, _)| *d <= 3)
-        .min()
+        .min_by(|(d1, c1), (d2, c2)| d1.cmp(d2).then_with(|| c1.as_ref().cmp(c2.as_ref())))
         .map(|(_, c)| c)
 }
 

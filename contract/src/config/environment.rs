@@ -7,22 +7,10 @@ use std::str::FromStr;
 
 /// The environment a configuration is meant for.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-    Default,
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
-    #[default]
     Development,
     Staging,
     Production,
@@ -35,12 +23,22 @@ impl Environment {
         Environment::Production,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub const NAMES: [&'static str; Environment::ALL.len()] = super::names_of!(Environment);
+    /// What an unset `CHATGATE_ENV` means.
+    pub const DEFAULT: Environment = Environment::Development;
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Environment::Development => "development",
             Environment::Staging => "staging",
             Environment::Production => "production",
         }
+    }
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment::DEFAULT
     }
 }
 

@@ -6,6 +6,7 @@
 //! all through [`ConfigSet::validate`] and [`ConfigSet::parity_with`], so a key added
 //! here is checked in all three places at once.
 
+mod choices;
 mod closest;
 mod environment;
 mod keys;
@@ -13,11 +14,14 @@ mod problem;
 mod set;
 mod value;
 
+pub use crate::startup::CRITICAL_SERVICE_NAMES;
+pub(crate) use choices::names_of;
+pub use choices::{JwtAlgorithm, LlmProvider};
 pub use closest::closest;
 pub use environment::Environment;
 pub use keys::{
-    CRITICAL_SERVICE_NAMES, DATABASE_URL, JWT_ALGORITHMS, KEY_PREFIX, KEYS, KeySpec, LLM_PROVIDERS,
-    ParityRule, explain, key_spec,
+    DATABASE_URL, JWT_ALGORITHMS, KEY_PREFIX, KEYS, Key, KeySpec, LLM_PROVIDERS, ParityRule,
+    explain, key_spec,
 };
 pub use problem::{Problem, ProblemKind};
 pub use set::{ConfigSet, ConfigValue, Origin, ParityPolicy, shared_database_problem};

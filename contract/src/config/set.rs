@@ -2,9 +2,9 @@
 //! its environment, and does it keep the parity rules against its production baseline.
 
 use super::closest::closest;
-use super::keys::{DATABASE_URL, KEY_PREFIX, KEYS, KeySpec, ParityRule, key_spec};
+use super::keys::{KEY_PREFIX, KEYS, Key, KeySpec, ParityRule};
 use super::value::{Shown, url_scheme};
-use super::{Environment, Problem, ProblemKind};
+use super::{Environment, JwtAlgorithm, Problem, ProblemKind};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,7 +17,7 @@ pub fn shared_database_problem(env: Environment, scheme: &str) -> Option<Problem
         return None;
     }
     Some(Problem::new(
-        DATABASE_URL,
+        Key::DatabaseUrl,
         env,
         ProblemKind::Invalid,
         format!(
@@ -90,24 +90,25 @@ impl ConfigSet {
         self.set(key, ConfigValue::Literal(value.into()))
     }
 
-    pub fn get(&self, key: &str) -> Option<&ConfigValue> {
-        self.values.get(key)
+    pub fn get(&self, key: impl AsRef<str>) -> Option<&ConfigValue> {
+        self.values.get(key.as_ref())
     }
 
     /// The literal value, or the schema default when unset. `None` for unset keys
     /// without a default and for Secret references (whose value is not known here).
-    pub fn effective(&self, key: &str) -> Option<&str> {
+    pub fn effective(&self, key: impl AsRef<str>) -> Option<&str> {
+        let key = key.as_ref();
         match self.values.get(key) {
             Some(ConfigValue::Literal(v)) => Some(v.as_str()),
             Some(ConfigValue::SecretRef { .. }) => None,
-            None => key_spec(key).and_then(|k| k.default),
+            None => Key::lookup(key).and_then(|k| k.spec().default),
         }
     }
 
     /// Whether the key is set explicitly (literal or reference). Defaults do not
     /// count: "required" and "present" are about what an environment declares.
     fn has_value(&self, spec: &KeySpec) -> bool {
-        match self.values.get(spec.key) {
+        match self.get(spec.key) {
             Some(ConfigValue::Literal(v)) => !v.trim().is_empty(),
             Some(ConfigValue::SecretRef { .. }) => true,
             None => false,
@@ -116,14 +117,16 @@ impl ConfigSet {
 
     /// The environment the configuration declares (`CHATGATE_ENV`).
     pub fn environment(&self) -> Result<Environment, Problem> {
-        let raw = self.effective("CHATGATE_ENV").unwrap_or("development");
+        let raw = self
+            .effective(Key::Env)
+            .unwrap_or(Environment::DEFAULT.as_str());
         raw.parse().map_err(|e: String| {
             Problem::new(
-                "CHATGATE_ENV",
-                Environment::Development,
+                Key::Env,
+                Environment::DEFAULT,
                 ProblemKind::Invalid,
                 e,
-                "set CHATGATE_ENV to development, staging or production",
+                format!("set {} to development, staging or production", Key::Env),
             )
         })
     }
@@ -150,7 +153,7 @@ impl ConfigSet {
         };
 
         for key in self.values.keys() {
-            if key_spec(key).is_none() {
+            if Key::lookup(key).is_none() {
                 let hint = closest_key(key)
                     .map(|k| format!("did you mean {k}? Run `--explain {k}`"))
                     .unwrap_or_else(|| "remove it; `--explain` lists the known keys".into());
@@ -165,7 +168,7 @@ impl ConfigSet {
         }
 
         for spec in KEYS {
-            let value = self.values.get(spec.key);
+            let value = self.get(spec.key);
             match value {
                 Some(ConfigValue::Literal(v)) => {
                     let shown = if spec.secret {
@@ -247,35 +250,40 @@ impl ConfigSet {
     }
 
     fn cross_key_checks(&self, env: Environment, problems: &mut Vec<Problem>) {
-        if let Some(ConfigValue::Literal(url)) = self.values.get(DATABASE_URL)
+        if let Some(ConfigValue::Literal(url)) = self.get(Key::DatabaseUrl)
             && let Some(problem) = url_scheme(url).and_then(|s| shared_database_problem(env, s))
         {
             problems.push(problem);
         }
         let alg = self
-            .effective("CHATGATE_JWT_ALGORITHM")
-            .unwrap_or("HS256")
+            .effective(Key::JwtAlgorithm)
+            .unwrap_or(JwtAlgorithm::DEFAULT.as_str())
             .trim();
-        if matches!(alg, "RS256" | "ES256") {
-            let has = |k: &str| self.values.contains_key(k);
-            if !has("CHATGATE_JWT_PUBLIC_KEY") && !has("CHATGATE_JWT_JWKS_FILE") {
+        let algorithm = alg.parse::<JwtAlgorithm>().ok();
+        if matches!(algorithm, Some(JwtAlgorithm::RS256 | JwtAlgorithm::ES256)) {
+            let has = |k: Key| self.values.contains_key(k.as_str());
+            if !has(Key::JwtPublicKey) && !has(Key::JwtJwksFile) {
                 problems.push(Problem::new(
-                    "CHATGATE_JWT_PUBLIC_KEY",
+                    Key::JwtPublicKey,
                     env,
                     ProblemKind::Required,
-                    format!("is required when CHATGATE_JWT_ALGORITHM is {alg} (or CHATGATE_JWT_JWKS_FILE)"),
+                    format!(
+                        "is required when {} is {alg} (or {})",
+                        Key::JwtAlgorithm,
+                        Key::JwtJwksFile
+                    ),
                     "set a PEM public key or a JWKS file path",
                 ));
             }
         }
-        if alg == "HS256"
+        if algorithm == Some(JwtAlgorithm::HS256)
             && env != Environment::Development
-            && let Some(ConfigValue::Literal(secret)) = self.values.get("CHATGATE_JWT_SECRET")
+            && let Some(ConfigValue::Literal(secret)) = self.get(Key::JwtSecret)
             && !secret.trim().is_empty()
             && secret.len() < 32
         {
             problems.push(Problem::new(
-                "CHATGATE_JWT_SECRET",
+                Key::JwtSecret,
                 env,
                 ProblemKind::Invalid,
                 format!(
@@ -293,7 +301,7 @@ impl ConfigSet {
         let env = self.environment().unwrap_or_default();
         let mut problems = Vec::new();
         for allowed in &policy.allowed_differences {
-            if key_spec(allowed).is_none() {
+            if Key::lookup(allowed).is_none() {
                 problems.push(Problem::new(
                     allowed,
                     env,
@@ -304,7 +312,7 @@ impl ConfigSet {
             }
         }
         for spec in KEYS {
-            if policy.allowed_differences.contains(spec.key) {
+            if policy.allowed_differences.contains(spec.key.as_str()) {
                 continue;
             }
             match spec.parity {
@@ -353,7 +361,7 @@ impl ConfigSet {
     /// The value compared under `match`: normalised literal or default; a Secret
     /// reference compares by where it points.
     fn comparable(&self, spec: &KeySpec) -> Option<String> {
-        match self.values.get(spec.key) {
+        match self.get(spec.key) {
             Some(ConfigValue::Literal(v)) => Some(spec.kind.normalize(v)),
             Some(ConfigValue::SecretRef { secret, key }) => Some(format!("secret:{secret}/{key}")),
             None => spec.default.map(|d| spec.kind.normalize(d)),
@@ -364,7 +372,7 @@ impl ConfigSet {
     pub fn redacted(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for spec in KEYS {
-            let shown = match self.values.get(spec.key) {
+            let shown = match self.get(spec.key) {
                 Some(ConfigValue::SecretRef { secret, key }) => {
                     format!("<from Secret {secret}/{key}>")
                 }
@@ -382,8 +390,8 @@ impl ConfigSet {
 }
 
 /// The known key nearest to a misspelt one, for "did you mean".
-fn closest_key(unknown: &str) -> Option<&'static str> {
-    closest(unknown, KEYS.iter().map(|k| k.key))
+fn closest_key(unknown: &str) -> Option<Key> {
+    closest(unknown, Key::ALL)
 }
 
 #[cfg(test)]

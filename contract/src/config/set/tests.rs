@@ -6,18 +6,18 @@ use proptest::prelude::*;
 
 fn staging() -> ConfigSet {
     let mut c = ConfigSet::new();
-    c.set_literal("CHATGATE_ENV", "staging")
-        .set_literal("CHATGATE_JWT_ISSUER", "https://auth.example.com/")
-        .set_literal("CHATGATE_JWT_AUDIENCE", "chat-staging")
+    c.set_literal(Key::Env, "staging")
+        .set_literal(Key::JwtIssuer, "https://auth.example.com/")
+        .set_literal(Key::JwtAudience, "chat-staging")
         .set(
-            "CHATGATE_JWT_SECRET",
+            Key::JwtSecret,
             ConfigValue::SecretRef {
                 secret: "jwt".into(),
                 key: "secret".into(),
             },
         )
         .set(
-            "CHATGATE_DATABASE_URL",
+            Key::DatabaseUrl,
             ConfigValue::SecretRef {
                 secret: "db".into(),
                 key: "url".into(),
@@ -28,8 +28,8 @@ fn staging() -> ConfigSet {
 
 fn production() -> ConfigSet {
     let mut c = staging();
-    c.set_literal("CHATGATE_ENV", "production")
-        .set_literal("CHATGATE_JWT_AUDIENCE", "chat");
+    c.set_literal(Key::Env, "production")
+        .set_literal(Key::JwtAudience, "chat");
     c
 }
 
@@ -37,7 +37,7 @@ fn production() -> ConfigSet {
 fn sqlite_outside_development_is_refused_by_scheme_alone() {
     for env in [Environment::Staging, Environment::Production] {
         let problem = shared_database_problem(env, "sqlite").expect("refused");
-        assert_eq!(problem.key, DATABASE_URL);
+        assert_eq!(problem.key, Key::DatabaseUrl);
         assert!(problem.fix.contains("PostgreSQL"), "{problem}");
         assert!(shared_database_problem(env, "postgres").is_none());
         assert!(shared_database_problem(env, "postgresql").is_none());
@@ -45,11 +45,11 @@ fn sqlite_outside_development_is_refused_by_scheme_alone() {
     assert!(shared_database_problem(Environment::Development, "sqlite").is_none());
 
     let mut set = staging();
-    set.set_literal(DATABASE_URL, "sqlite:///data/pw-in-path.db");
+    set.set_literal(Key::DatabaseUrl, "sqlite:///data/pw-in-path.db");
     let problems = set.validate(Origin::Process);
     let problem = problems
         .iter()
-        .find(|p| p.key == DATABASE_URL)
+        .find(|p| p.key == Key::DatabaseUrl)
         .expect("the database key is named");
     assert!(!problem.to_string().contains("pw-in-path"), "{problem}");
     assert_eq!(url_scheme(" postgres://u:p@h/db"), Some("postgres"));
@@ -65,19 +65,19 @@ fn defaults_are_valid_in_development() {
 #[test]
 fn staging_without_secrets_reports_every_missing_key_at_once() {
     let mut c = ConfigSet::new();
-    c.set_literal("CHATGATE_ENV", "staging");
+    c.set_literal(Key::Env, "staging");
     let keys: BTreeSet<_> = c
         .validate(Origin::Process)
         .into_iter()
         .map(|p| p.key)
         .collect();
     for k in [
-        "CHATGATE_JWT_SECRET",
-        "CHATGATE_JWT_ISSUER",
-        "CHATGATE_JWT_AUDIENCE",
-        "CHATGATE_DATABASE_URL",
+        Key::JwtSecret,
+        Key::JwtIssuer,
+        Key::JwtAudience,
+        Key::DatabaseUrl,
     ] {
-        assert!(keys.contains(k), "{k} missing from {keys:?}");
+        assert!(keys.contains(k.as_str()), "{k} missing from {keys:?}");
     }
 }
 
@@ -89,13 +89,13 @@ fn openai_without_key_names_the_key_in_every_environment() {
         } else {
             staging()
         };
-        c.set_literal("CHATGATE_ENV", env.as_str())
-            .set_literal("CHATGATE_LLM_PROVIDER", "openai");
+        c.set_literal(Key::Env, env.as_str())
+            .set_literal(Key::LlmProvider, "openai");
         let problems = c.validate(Origin::Process);
         assert!(
             problems
                 .iter()
-                .any(|p| p.key == "CHATGATE_LLM_API_KEY" && p.kind == ProblemKind::Required),
+                .any(|p| p.key == Key::LlmApiKey && p.kind == ProblemKind::Required),
             "{env}: {problems:?}"
         );
     }
@@ -108,13 +108,13 @@ fn unknown_key_is_reported_with_a_suggestion() {
     let p = c.validate(Origin::Process);
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].kind, ProblemKind::Unknown);
-    assert!(p[0].fix.contains("CHATGATE_JWT_ISSUER"), "{}", p[0].fix);
+    assert!(p[0].fix.contains(Key::JwtIssuer.as_str()), "{}", p[0].fix);
 }
 
 #[test]
 fn inline_secret_in_a_staging_manifest_is_refused() {
     let mut c = staging();
-    c.set_literal("CHATGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+    c.set_literal(Key::JwtSecret, "0123456789abcdef0123456789abcdef");
     assert!(
         c.validate(Origin::Manifest)
             .iter()
@@ -126,11 +126,11 @@ fn inline_secret_in_a_staging_manifest_is_refused() {
 #[test]
 fn short_hs256_secret_is_refused_outside_development() {
     let mut c = staging();
-    c.set_literal("CHATGATE_JWT_SECRET", "short");
+    c.set_literal(Key::JwtSecret, "short");
     let p = c.validate(Origin::Process);
     assert!(
         p.iter()
-            .any(|p| p.key == "CHATGATE_JWT_SECRET" && p.kind == ProblemKind::Invalid),
+            .any(|p| p.key == Key::JwtSecret && p.kind == ProblemKind::Invalid),
         "{p:?}"
     );
 }
@@ -138,38 +138,38 @@ fn short_hs256_secret_is_refused_outside_development() {
 #[test]
 fn rs256_needs_a_public_key() {
     let mut c = ConfigSet::new();
-    c.set_literal("CHATGATE_JWT_ALGORITHM", "RS256");
+    c.set_literal(Key::JwtAlgorithm, "RS256");
     assert!(
         c.validate(Origin::Process)
             .iter()
-            .any(|p| p.key == "CHATGATE_JWT_PUBLIC_KEY")
+            .any(|p| p.key == Key::JwtPublicKey)
     );
-    c.set_literal("CHATGATE_JWT_JWKS_FILE", "/etc/jwks.json");
+    c.set_literal(Key::JwtJwksFile, "/etc/jwks.json");
     assert!(c.validate(Origin::Process).is_empty());
 }
 
 #[test]
 fn seed_scenario_staging_missing_llm_key_is_a_present_violation() {
     let mut prod = production();
-    prod.set_literal("CHATGATE_LLM_PROVIDER", "openai").set(
-        "CHATGATE_LLM_API_KEY",
+    prod.set_literal(Key::LlmProvider, "openai").set(
+        Key::LlmApiKey,
         ConfigValue::SecretRef {
             secret: "llm".into(),
             key: "api-key".into(),
         },
     );
     let mut stg = staging();
-    stg.set_literal("CHATGATE_LLM_PROVIDER", "openai");
+    stg.set_literal(Key::LlmProvider, "openai");
     let p = stg.parity_with(&prod, &ParityPolicy::default());
     assert!(
         p.iter()
-            .any(|p| p.key == "CHATGATE_LLM_API_KEY" && p.kind == ProblemKind::ParityPresent),
+            .any(|p| p.key == Key::LlmApiKey && p.kind == ProblemKind::ParityPresent),
         "{p:?}"
     );
     assert!(
         stg.validate(Origin::Manifest)
             .iter()
-            .any(|p| p.key == "CHATGATE_LLM_API_KEY")
+            .any(|p| p.key == Key::LlmApiKey)
     );
 }
 
@@ -177,14 +177,14 @@ fn seed_scenario_staging_missing_llm_key_is_a_present_violation() {
 fn match_drift_is_reported_and_an_allowed_difference_is_not() {
     let prod = production();
     let mut stg = staging();
-    stg.set_literal("CHATGATE_JWT_ALGORITHM", "ES256")
-        .set_literal("CHATGATE_JWT_JWKS_FILE", "/k");
+    stg.set_literal(Key::JwtAlgorithm, "ES256")
+        .set_literal(Key::JwtJwksFile, "/k");
     let p = stg.parity_with(&prod, &ParityPolicy::default());
     assert_eq!(p.len(), 1, "{p:?}");
-    assert_eq!(p[0].key, "CHATGATE_JWT_ALGORITHM");
+    assert_eq!(p[0].key, Key::JwtAlgorithm);
     assert_eq!(p[0].kind, ProblemKind::ParityMatch);
     let policy = ParityPolicy {
-        allowed_differences: ["CHATGATE_JWT_ALGORITHM".to_string()].into(),
+        allowed_differences: [Key::JwtAlgorithm.to_string()].into(),
     };
     assert!(stg.parity_with(&prod, &policy).is_empty());
 }
@@ -192,9 +192,9 @@ fn match_drift_is_reported_and_an_allowed_difference_is_not() {
 #[test]
 fn critical_service_lists_compare_as_sets() {
     let mut a = production();
-    a.set_literal("CHATGATE_CRITICAL_SERVICES", "thread_store, configuration");
+    a.set_literal(Key::CriticalServices, "thread_store, configuration");
     let mut b = staging();
-    b.set_literal("CHATGATE_CRITICAL_SERVICES", "configuration,thread_store");
+    b.set_literal(Key::CriticalServices, "configuration,thread_store");
     assert!(b.parity_with(&a, &ParityPolicy::default()).is_empty());
 }
 
@@ -203,11 +203,11 @@ fn a_quoted_database_url_is_reported_without_its_password() {
     let quoted = "\"postgres://chat:Hunter2Secret@db:5432/chat\"";
     for origin in [Origin::Process, Origin::Manifest] {
         let mut c = ConfigSet::new();
-        c.set_literal("CHATGATE_DATABASE_URL", quoted);
+        c.set_literal(Key::DatabaseUrl, quoted);
         let problems = c.validate(origin);
         let p = problems
             .iter()
-            .find(|p| p.key == "CHATGATE_DATABASE_URL")
+            .find(|p| p.key == Key::DatabaseUrl)
             .unwrap_or_else(|| panic!("{problems:?}"));
         let text = p.to_string();
         assert!(
@@ -218,7 +218,7 @@ fn a_quoted_database_url_is_reported_without_its_password() {
     }
     // A non-secret key still shows its value, which helps find the typo.
     let mut c = ConfigSet::new();
-    c.set_literal("CHATGATE_MAX_CONNECTIONS", "lots");
+    c.set_literal(Key::MaxConnections, "lots");
     assert!(
         c.validate(Origin::Process)[0]
             .to_string()
@@ -273,7 +273,7 @@ proptest! {
         after in "[\"' a-z:/@.]{0,8}",
     ) {
         let mut set = set;
-        set.set_literal("CHATGATE_ENV", env)
+        set.set_literal(Key::Env, env)
             .set_literal(secret, format!("{before}Zq9Hunter2{after}"));
         let baseline = production();
         for origin in [Origin::Manifest, Origin::Process] {
