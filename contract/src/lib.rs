@@ -15,8 +15,8 @@ pub mod startup;
 pub mod termination;
 
 pub use config::{
-    ConfigSet, ConfigValue, Environment, KEYS, KeySpec, Origin, ParityPolicy, ParityRule, Problem,
-    ProblemKind, ValueKind, explain, key_spec,
+    ConfigSet, ConfigValue, Environment, JwtAlgorithm, KEYS, Key, KeySpec, LlmProvider, Origin,
+    ParityPolicy, ParityRule, Problem, ProblemKind, ValueKind, explain, key_spec,
 };
 pub use health::{
     HealthReport, HealthState, PhaseReport, PhaseStatus, ServiceReport, ServiceState,

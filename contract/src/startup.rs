@@ -72,6 +72,9 @@ impl FromStr for StartupPhase {
     }
 }
 
+/// The critical services' names, for readers of the earlier constant.
+pub const CRITICAL_SERVICE_NAMES: &[&str] = &CriticalService::NAMES;
+
 /// A service the `/ws` handler cannot work without.
 #[derive(
     Debug,
@@ -107,7 +110,11 @@ impl CriticalService {
         CriticalService::AgentSupervisor,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// Every critical service's name, in startup order.
+    pub const NAMES: [&'static str; CriticalService::ALL.len()] =
+        crate::config::names_of!(CriticalService);
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             CriticalService::Configuration => "configuration",
             CriticalService::JwtVerifier => "jwt_verifier",

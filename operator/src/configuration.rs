@@ -4,32 +4,29 @@
 //! through [`declared_config`], so they see exactly the keys the pods will get.
 
 use crate::crd::{ChatServiceSpec, SecretKeyRef};
-use chatgate_contract::config::{ConfigSet, ConfigValue, Problem, ProblemKind};
+use chatgate_contract::config::{ConfigSet, ConfigValue, Key, Problem, ProblemKind};
 use std::collections::BTreeMap;
 
 /// Keys the operator sets from structured spec fields; writing them in `spec.config`
 /// or the ConfigMap would silently fight the structured field, so it is refused.
-pub const STRUCTURED_KEYS: &[(&str, &str)] = &[
-    ("CHATGATE_ENV", "spec.environment"),
-    ("CHATGATE_LISTEN", "(set by the operator)"),
-    ("CHATGATE_TERMINATION_LOG", "(set by the operator)"),
-    ("CHATGATE_CRITICAL_SERVICES", "spec.criticalServices"),
-    ("CHATGATE_JWT_ALGORITHM", "spec.jwt.algorithm"),
-    ("CHATGATE_JWT_SECRET", "spec.jwt.secretRef"),
-    ("CHATGATE_JWT_PUBLIC_KEY", "spec.jwt.publicKeyRef"),
-    ("CHATGATE_JWT_ISSUER", "spec.jwt.issuer"),
-    ("CHATGATE_JWT_AUDIENCE", "spec.jwt.audience"),
-    ("CHATGATE_JWT_LEEWAY_SECONDS", "spec.jwt.leewaySeconds"),
-    ("CHATGATE_DATABASE_URL", "spec.database"),
-    ("CHATGATE_LLM_PROVIDER", "spec.llm.provider"),
-    ("CHATGATE_LLM_API_KEY", "spec.llm.apiKeySecretRef"),
-    ("CHATGATE_LLM_BASE_URL", "spec.llm.baseUrl"),
-    ("CHATGATE_LLM_MODEL", "spec.llm.model"),
-    ("CHATGATE_DRAIN_SECONDS", "spec.rollout.drainSeconds"),
-    (
-        "CHATGATE_STARTUP_BUDGET_SECONDS",
-        "spec.startup.budgetSeconds",
-    ),
+pub const STRUCTURED_KEYS: &[(Key, &str)] = &[
+    (Key::Env, "spec.environment"),
+    (Key::Listen, "(set by the operator)"),
+    (Key::TerminationLog, "(set by the operator)"),
+    (Key::CriticalServices, "spec.criticalServices"),
+    (Key::JwtAlgorithm, "spec.jwt.algorithm"),
+    (Key::JwtSecret, "spec.jwt.secretRef"),
+    (Key::JwtPublicKey, "spec.jwt.publicKeyRef"),
+    (Key::JwtIssuer, "spec.jwt.issuer"),
+    (Key::JwtAudience, "spec.jwt.audience"),
+    (Key::JwtLeewaySeconds, "spec.jwt.leewaySeconds"),
+    (Key::DatabaseUrl, "spec.database"),
+    (Key::LlmProvider, "spec.llm.provider"),
+    (Key::LlmApiKey, "spec.llm.apiKeySecretRef"),
+    (Key::LlmBaseUrl, "spec.llm.baseUrl"),
+    (Key::LlmModel, "spec.llm.model"),
+    (Key::DrainSeconds, "spec.rollout.drainSeconds"),
+    (Key::StartupBudgetSeconds, "spec.startup.budgetSeconds"),
 ];
 
 fn secret(r: &SecretKeyRef) -> ConfigValue {
@@ -71,53 +68,50 @@ pub fn declared_config(
         }
     }
 
-    c.set_literal("CHATGATE_ENV", spec.environment.as_str());
+    c.set_literal(Key::Env, spec.environment.as_str());
     c.set_literal(
-        "CHATGATE_CRITICAL_SERVICES",
+        Key::CriticalServices,
         spec.critical_services
             .iter()
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
             .join(","),
     );
-    c.set_literal("CHATGATE_JWT_ALGORITHM", spec.jwt.algorithm.as_str());
+    c.set_literal(Key::JwtAlgorithm, spec.jwt.algorithm.as_str());
     if let Some(v) = &spec.jwt.issuer {
-        c.set_literal("CHATGATE_JWT_ISSUER", v.clone());
+        c.set_literal(Key::JwtIssuer, v.clone());
     }
     if let Some(v) = &spec.jwt.audience {
-        c.set_literal("CHATGATE_JWT_AUDIENCE", v.clone());
+        c.set_literal(Key::JwtAudience, v.clone());
     }
     if let Some(r) = &spec.jwt.secret_ref {
-        c.set("CHATGATE_JWT_SECRET", secret(r));
+        c.set(Key::JwtSecret, secret(r));
     }
     if let Some(r) = &spec.jwt.public_key_ref {
-        c.set("CHATGATE_JWT_PUBLIC_KEY", secret(r));
+        c.set(Key::JwtPublicKey, secret(r));
     }
     if let Some(v) = spec.jwt.leeway_seconds {
-        c.set_literal("CHATGATE_JWT_LEEWAY_SECONDS", v.to_string());
+        c.set_literal(Key::JwtLeewaySeconds, v.to_string());
     }
     if let Some(v) = &spec.database.url {
-        c.set_literal("CHATGATE_DATABASE_URL", v.clone());
+        c.set_literal(Key::DatabaseUrl, v.clone());
     }
     if let Some(r) = &spec.database.url_secret_ref {
-        c.set("CHATGATE_DATABASE_URL", secret(r));
+        c.set(Key::DatabaseUrl, secret(r));
     }
-    c.set_literal("CHATGATE_LLM_PROVIDER", spec.llm.provider.as_str());
+    c.set_literal(Key::LlmProvider, spec.llm.provider.as_str());
     if let Some(r) = &spec.llm.api_key_secret_ref {
-        c.set("CHATGATE_LLM_API_KEY", secret(r));
+        c.set(Key::LlmApiKey, secret(r));
     }
     if let Some(v) = &spec.llm.base_url {
-        c.set_literal("CHATGATE_LLM_BASE_URL", v.clone());
+        c.set_literal(Key::LlmBaseUrl, v.clone());
     }
     if let Some(v) = &spec.llm.model {
-        c.set_literal("CHATGATE_LLM_MODEL", v.clone());
+        c.set_literal(Key::LlmModel, v.clone());
     }
+    c.set_literal(Key::DrainSeconds, spec.rollout.drain_seconds.to_string());
     c.set_literal(
-        "CHATGATE_DRAIN_SECONDS",
-        spec.rollout.drain_seconds.to_string(),
-    );
-    c.set_literal(
-        "CHATGATE_STARTUP_BUDGET_SECONDS",
+        Key::StartupBudgetSeconds,
         spec.startup.budget_seconds.to_string(),
     );
     (c, problems)
@@ -147,7 +141,7 @@ mod tests {
         let (c, p) = declared_config(&s, None);
         assert_eq!(p.len(), 1);
         assert!(p[0].fix.contains("spec.jwt.algorithm"));
-        assert_eq!(c.effective("CHATGATE_JWT_ALGORITHM"), Some("HS256"));
+        assert_eq!(c.effective(Key::JwtAlgorithm), Some("HS256"));
     }
 
     #[test]
@@ -158,6 +152,6 @@ mod tests {
         let (c, _) = declared_config(&s, None);
         let p = c.validate(Origin::Manifest);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert_eq!(p[0].key, "CHATGATE_LLM_API_KEY");
+        assert_eq!(p[0].key, Key::LlmApiKey);
     }
 }

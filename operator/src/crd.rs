@@ -6,6 +6,9 @@
 //! message a person understands before the operator ever sees it.
 
 use chatgate_contract::{CriticalService, Environment};
+// Defined in the contract, where the key table takes its names and defaults from
+// them; re-exported so the CRD's types stay reachable as `crate::crd::*`.
+pub use chatgate_contract::{JwtAlgorithm, LlmProvider};
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -157,25 +160,6 @@ pub struct LocalObjectName {
     pub name: String,
 }
 
-/// The JWT signature algorithm `/ws` accepts (exactly one).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum JwtAlgorithm {
-    #[default]
-    HS256,
-    RS256,
-    ES256,
-}
-
-impl JwtAlgorithm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JwtAlgorithm::HS256 => "HS256",
-            JwtAlgorithm::RS256 => "RS256",
-            JwtAlgorithm::ES256 => "ES256",
-        }
-    }
-}
-
 /// JWT verification on `/ws`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -203,26 +187,6 @@ pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 300))]
     pub leeway_seconds: Option<i32>,
-}
-
-/// Which LLM API the agent supervisor calls.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LlmProvider {
-    /// Deterministic, offline; for development and tests.
-    #[default]
-    Builtin,
-    /// An OpenAI-compatible chat-completions API.
-    Openai,
-}
-
-impl LlmProvider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LlmProvider::Builtin => "builtin",
-            LlmProvider::Openai => "openai",
-        }
-    }
 }
 
 /// The LLM provider of the agent supervisor.

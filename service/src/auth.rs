@@ -471,7 +471,7 @@ mod tests {
 
     fn settings(secret: &str) -> JwtSettings {
         JwtSettings {
-            algorithm: "HS256".into(),
+            algorithm: chatgate_contract::JwtAlgorithm::HS256,
             key: JwtKeySource::Secret(secret.into()),
             issuer: Some("iss".into()),
             audience: Some("aud".into()),

@@ -6,8 +6,8 @@
 //! critical service a bad key breaks, and parses the values the service uses.
 
 use chatgate_contract::{
-    ConfigSet, ConfigValue, CriticalService, Environment, KEYS, Origin, Problem, ProblemKind,
-    TerminationMessage,
+    ConfigSet, ConfigValue, CriticalService, Environment, JwtAlgorithm, Key, LlmProvider, Origin,
+    Problem, ProblemKind, TerminationMessage,
 };
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,7 +31,7 @@ pub fn load(
     }
     // Cloud Run and Knative say which port to serve on in $PORT, on every interface;
     // an explicit CHATGATE_LISTEN (environment or file) still wins.
-    if set.get("CHATGATE_LISTEN").is_none()
+    if set.get(Key::Listen).is_none()
         && let Some((_, port)) = env.iter().find(|(k, _)| k == "PORT")
     {
         let port: u16 = port.trim().parse().map_err(|_| {
@@ -39,7 +39,7 @@ pub fn load(
                 "PORT `{port}` is not a port number (1-65535); unset it or set CHATGATE_LISTEN to IP:PORT"
             )
         })?;
-        set.set_literal("CHATGATE_LISTEN", format!("0.0.0.0:{port}"));
+        set.set_literal(Key::Listen, format!("0.0.0.0:{port}"));
     }
     Ok(set)
 }
@@ -96,40 +96,10 @@ pub fn parse_file(text: &str, name: &str) -> Result<ConfigSet, String> {
 }
 
 /// The critical service a configuration key feeds: a bad value for it means that
-/// service cannot be built, which is what the termination line names.
-///
-/// Kept next to the typed settings so adding a key here is one edit; the test
-/// `every_contract_key_belongs_to_a_service` fails for a key that is not listed.
+/// service cannot be built, which is what the termination line names. The contract's
+/// key table says which (`KeySpec::feeds`); unknown keys break the configuration.
 pub fn service_of(key: &str) -> CriticalService {
-    match key {
-        "CHATGATE_JWT_ALGORITHM"
-        | "CHATGATE_JWT_SECRET"
-        | "CHATGATE_JWT_PUBLIC_KEY"
-        | "CHATGATE_JWT_JWKS_FILE"
-        | "CHATGATE_JWT_ISSUER"
-        | "CHATGATE_JWT_AUDIENCE"
-        | "CHATGATE_JWT_LEEWAY_SECONDS" => CriticalService::JwtVerifier,
-        "CHATGATE_DATABASE_URL" => CriticalService::ThreadStore,
-        "CHATGATE_LLM_PROVIDER"
-        | "CHATGATE_LLM_API_KEY"
-        | "CHATGATE_LLM_BASE_URL"
-        | "CHATGATE_LLM_MODEL" => CriticalService::LlmClient,
-        "CHATGATE_MAX_MESSAGE_BYTES"
-        | "CHATGATE_MAX_CONNECTIONS"
-        | "CHATGATE_MAX_CONNECTIONS_PER_USER"
-        | "CHATGATE_IDLE_TIMEOUT_SECONDS"
-        | "CHATGATE_KEEPALIVE_SECONDS"
-        | "CHATGATE_SEND_QUEUE"
-        | "CHATGATE_SEND_TIMEOUT_SECONDS"
-        | "CHATGATE_ALLOWED_ORIGINS" => CriticalService::WsBridge,
-        "CHATGATE_RUNS_PER_MINUTE"
-        | "CHATGATE_MAX_CONCURRENT_RUNS"
-        | "CHATGATE_RUN_TIMEOUT_SECONDS"
-        | "CHATGATE_MAX_REPLY_BYTES" => CriticalService::AgentSupervisor,
-        // Process-wide keys (environment, listen address, protocol, logging,
-        // timing) and unknown keys break the configuration itself.
-        _ => CriticalService::Configuration,
-    }
+    Key::lookup(key).map_or(CriticalService::Configuration, Key::service)
 }
 
 /// Turns validation problems into the one termination line: it names the earliest
@@ -165,8 +135,7 @@ pub enum JwtKeySource {
 
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
-    /// `HS256`, `RS256` or `ES256` (validated by the contract).
-    pub algorithm: String,
+    pub algorithm: JwtAlgorithm,
     pub key: JwtKeySource,
     pub issuer: Option<String>,
     pub audience: Option<String>,
@@ -175,7 +144,7 @@ pub struct JwtSettings {
 
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
-    pub provider: String,
+    pub provider: LlmProvider,
     pub api_key: Option<String>,
     pub base_url: String,
     pub model: String,
@@ -208,13 +177,15 @@ pub struct RunLimits {
 }
 
 impl Default for RunLimits {
-    /// The configuration's defaults.
+    /// The key table's defaults: the limits of a configuration that sets none.
     fn default() -> Self {
-        RunLimits {
-            max_concurrent: 1024,
-            timeout: Duration::from_secs(300),
-            max_reply_bytes: 262_144,
+        let unset = ConfigSet::new();
+        Parser {
+            set: &unset,
+            env: Environment::DEFAULT,
+            problems: Vec::new(),
         }
+        .run_limits()
     }
 }
 
@@ -249,11 +220,13 @@ impl ServiceConfig {
             env,
             problems: Vec::new(),
         };
+        // Unset keys read as the key table's defaults (`ConfigSet::effective`), so no
+        // default is repeated here.
         let config = ServiceConfig {
             environment: env,
             listen: parse.listen(),
             critical_services: parse
-                .text("CHATGATE_CRITICAL_SERVICES")
+                .text(Key::CriticalServices)
                 .unwrap_or_default()
                 .split(',')
                 .map(str::trim)
@@ -261,64 +234,39 @@ impl ServiceConfig {
                 .filter_map(|s| s.parse().ok())
                 .collect(),
             jwt: JwtSettings {
-                algorithm: parse
-                    .text("CHATGATE_JWT_ALGORITHM")
-                    .unwrap_or_else(|| "HS256".into()),
+                algorithm: parse.value(Key::JwtAlgorithm),
                 key: parse.jwt_key(),
-                issuer: parse.text("CHATGATE_JWT_ISSUER"),
-                audience: parse.text("CHATGATE_JWT_AUDIENCE"),
-                leeway: Duration::from_secs(parse.value("CHATGATE_JWT_LEEWAY_SECONDS", 30)),
+                issuer: parse.text(Key::JwtIssuer),
+                audience: parse.text(Key::JwtAudience),
+                leeway: parse.seconds(Key::JwtLeewaySeconds),
             },
-            database_url: parse
-                .text("CHATGATE_DATABASE_URL")
-                .unwrap_or_else(|| "sqlite::memory:".into()),
+            database_url: parse.text(Key::DatabaseUrl).unwrap_or_default(),
             llm: LlmSettings {
-                provider: parse
-                    .text("CHATGATE_LLM_PROVIDER")
-                    .unwrap_or_else(|| "builtin".into()),
-                api_key: parse.text("CHATGATE_LLM_API_KEY"),
-                base_url: parse
-                    .text("CHATGATE_LLM_BASE_URL")
-                    .unwrap_or_else(|| "https://api.openai.com/v1".into()),
-                model: parse
-                    .text("CHATGATE_LLM_MODEL")
-                    .unwrap_or_else(|| "gpt-4o-mini".into()),
+                provider: parse.value(Key::LlmProvider),
+                api_key: parse.text(Key::LlmApiKey),
+                base_url: parse.text(Key::LlmBaseUrl).unwrap_or_default(),
+                model: parse.text(Key::LlmModel).unwrap_or_default(),
             },
             bridge: BridgeSettings {
-                max_message_bytes: parse.value("CHATGATE_MAX_MESSAGE_BYTES", 65536),
-                max_connections: parse.value("CHATGATE_MAX_CONNECTIONS", 20000),
-                max_connections_per_user: parse.value("CHATGATE_MAX_CONNECTIONS_PER_USER", 16),
-                idle_timeout: Duration::from_secs(
-                    parse.value("CHATGATE_IDLE_TIMEOUT_SECONDS", 300),
-                ),
-                keepalive: Duration::from_secs(parse.value("CHATGATE_KEEPALIVE_SECONDS", 30)),
-                send_queue: parse.value("CHATGATE_SEND_QUEUE", 64),
-                send_timeout: Duration::from_secs(parse.value("CHATGATE_SEND_TIMEOUT_SECONDS", 10)),
+                max_message_bytes: parse.value(Key::MaxMessageBytes),
+                max_connections: parse.value(Key::MaxConnections),
+                max_connections_per_user: parse.value(Key::MaxConnectionsPerUser),
+                idle_timeout: parse.seconds(Key::IdleTimeoutSeconds),
+                keepalive: parse.seconds(Key::KeepaliveSeconds),
+                send_queue: parse.value(Key::SendQueue),
+                send_timeout: parse.seconds(Key::SendTimeoutSeconds),
                 allowed_origins: parse
-                    .text("CHATGATE_ALLOWED_ORIGINS")
+                    .text(Key::AllowedOrigins)
                     .unwrap_or_default()
                     .split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
                     .filter(|o| !o.is_empty())
                     .collect(),
             },
-            runs_per_minute: parse.value("CHATGATE_RUNS_PER_MINUTE", 30),
-            run_limits: RunLimits {
-                max_concurrent: parse.value(
-                    "CHATGATE_MAX_CONCURRENT_RUNS",
-                    RunLimits::default().max_concurrent,
-                ),
-                timeout: Duration::from_secs(parse.value(
-                    "CHATGATE_RUN_TIMEOUT_SECONDS",
-                    RunLimits::default().timeout.as_secs(),
-                )),
-                max_reply_bytes: parse.value(
-                    "CHATGATE_MAX_REPLY_BYTES",
-                    RunLimits::default().max_reply_bytes,
-                ),
-            },
-            drain: Duration::from_secs(parse.value("CHATGATE_DRAIN_SECONDS", 5)),
-            startup_budget: Duration::from_secs(parse.value("CHATGATE_STARTUP_BUDGET_SECONDS", 60)),
+            runs_per_minute: parse.value(Key::RunsPerMinute),
+            run_limits: parse.run_limits(),
+            drain: parse.seconds(Key::DrainSeconds),
+            startup_budget: parse.seconds(Key::StartupBudgetSeconds),
             redacted: set.redacted(),
         };
         if parse.problems.is_empty() {
@@ -342,7 +290,7 @@ struct Parser<'a> {
 }
 
 impl Parser<'_> {
-    fn text(&self, key: &str) -> Option<String> {
+    fn text(&self, key: Key) -> Option<String> {
         self.set
             .effective(key)
             .map(str::trim)
@@ -350,9 +298,11 @@ impl Parser<'_> {
             .map(str::to_string)
     }
 
-    fn value<T: std::str::FromStr>(&mut self, key: &str, fallback: T) -> T {
+    /// The key's effective value parsed as `T`. Every key read this way has a default
+    /// in the key table; `T::default()` only stands in while a problem is reported.
+    fn value<T: std::str::FromStr + Default>(&mut self, key: Key) -> T {
         let Some(raw) = self.text(key) else {
-            return fallback;
+            return T::default();
         };
         match raw.parse() {
             Ok(v) => v,
@@ -364,15 +314,27 @@ impl Parser<'_> {
                     format!("`{raw}` cannot be used"),
                     format!("see `chatgate-service --explain {key}`"),
                 ));
-                fallback
+                T::default()
             }
+        }
+    }
+
+    fn seconds(&mut self, key: Key) -> Duration {
+        Duration::from_secs(self.value(key))
+    }
+
+    fn run_limits(&mut self) -> RunLimits {
+        RunLimits {
+            max_concurrent: self.value(Key::MaxConcurrentRuns),
+            timeout: self.seconds(Key::RunTimeoutSeconds),
+            max_reply_bytes: self.value(Key::MaxReplyBytes),
         }
     }
 
     /// `host:port`; a host name (`localhost:8080`) is resolved once, here.
     fn listen(&mut self) -> SocketAddr {
         let fallback = SocketAddr::from(([127, 0, 0, 1], 8080));
-        let Some(raw) = self.text("CHATGATE_LISTEN") else {
+        let Some(raw) = self.text(Key::Listen) else {
             return fallback;
         };
         if let Ok(addr) = raw.parse() {
@@ -382,7 +344,7 @@ impl Parser<'_> {
             Ok(Some(addr)) => addr,
             _ => {
                 self.problems.push(Problem::new(
-                    "CHATGATE_LISTEN",
+                    Key::Listen,
                     self.env,
                     ProblemKind::Invalid,
                     format!("`{raw}` is not an address this host can listen on"),
@@ -394,17 +356,17 @@ impl Parser<'_> {
     }
 
     fn jwt_key(&self) -> JwtKeySource {
-        let alg = self.text("CHATGATE_JWT_ALGORITHM");
-        if alg.as_deref().unwrap_or("HS256") == "HS256" {
-            return match self.text("CHATGATE_JWT_SECRET") {
+        let algorithm: JwtAlgorithm = self
+            .text(Key::JwtAlgorithm)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_default();
+        if algorithm == JwtAlgorithm::HS256 {
+            return match self.text(Key::JwtSecret) {
                 Some(secret) => JwtKeySource::Secret(secret),
                 None => JwtKeySource::GenerateDevSecret,
             };
         }
-        match (
-            self.text("CHATGATE_JWT_PUBLIC_KEY"),
-            self.text("CHATGATE_JWT_JWKS_FILE"),
-        ) {
+        match (self.text(Key::JwtPublicKey), self.text(Key::JwtJwksFile)) {
             (Some(pem), _) => JwtKeySource::PublicKeyPem(pem),
             (None, Some(path)) => JwtKeySource::JwksFile(PathBuf::from(path)),
             // The contract reports this combination; keep a value that fails in
@@ -416,7 +378,7 @@ impl Parser<'_> {
 
 /// Every key the contract knows, for `--explain` without an argument.
 pub fn all_keys() -> impl Iterator<Item = &'static str> {
-    KEYS.iter().map(|k| k.key)
+    Key::ALL.into_iter().map(Key::as_str)
 }
 
 #[cfg(test)]
@@ -425,25 +387,33 @@ mod tests {
 
     #[test]
     fn every_contract_key_belongs_to_a_service() {
-        let process_wide = [
-            "CHATGATE_ENV",
-            "CHATGATE_LISTEN",
-            "CHATGATE_HEADER_TIMEOUT_SECONDS",
-            "CHATGATE_PROTOCOL_VERSION",
-            "CHATGATE_CRITICAL_SERVICES",
-            "CHATGATE_DRAIN_SECONDS",
-            "CHATGATE_STARTUP_BUDGET_SECONDS",
-            "CHATGATE_TERMINATION_LOG",
-            "CHATGATE_LOG_FORMAT",
-        ];
-        for spec in KEYS {
-            let service = service_of(spec.key);
-            assert!(
-                service != CriticalService::Configuration || process_wide.contains(&spec.key),
-                "{} falls through to `configuration`; list it in service_of",
-                spec.key
-            );
+        // The contract lists the process-wide keys and checks every other key names
+        // the service it feeds; here, that the service reads that classification.
+        for key in Key::ALL {
+            let expected = key.spec().feeds.unwrap_or(CriticalService::Configuration);
+            assert_eq!(service_of(key.as_str()), expected, "{key}");
         }
+        assert_eq!(service_of("CHATGATE_NOPE"), CriticalService::Configuration);
+        assert_eq!(
+            service_of("CHATGATE_DATABASE_URL"),
+            CriticalService::ThreadStore
+        );
+    }
+
+    #[test]
+    fn run_limits_default_to_the_key_table() {
+        let limits = RunLimits::default();
+        assert_eq!(limits.max_concurrent, 1024);
+        assert_eq!(limits.timeout, Duration::from_secs(300));
+        assert_eq!(limits.max_reply_bytes, 262_144);
+        let config = ServiceConfig::from_set(&ConfigSet::new()).unwrap();
+        assert_eq!(config.run_limits, limits);
+        assert_eq!(config.jwt.algorithm, JwtAlgorithm::HS256);
+        assert_eq!(config.llm.provider, LlmProvider::Builtin);
+        assert_eq!(config.database_url, "sqlite::memory:");
+        assert_eq!(config.llm.base_url, "https://api.openai.com/v1");
+        assert_eq!(config.llm.model, "gpt-4o-mini");
+        assert_eq!(config.drain, Duration::from_secs(5));
     }
 
     #[test]
@@ -459,12 +429,12 @@ mod tests {
     #[test]
     fn staging_openai_without_key_names_the_llm_client() {
         let mut set = ConfigSet::new();
-        set.set_literal("CHATGATE_ENV", "staging")
-            .set_literal("CHATGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef")
-            .set_literal("CHATGATE_JWT_ISSUER", "https://issuer")
-            .set_literal("CHATGATE_JWT_AUDIENCE", "chat")
-            .set_literal("CHATGATE_DATABASE_URL", "postgres://chat@db:5432/chat")
-            .set_literal("CHATGATE_LLM_PROVIDER", "openai");
+        set.set_literal(Key::Env, "staging")
+            .set_literal(Key::JwtSecret, "0123456789abcdef0123456789abcdef")
+            .set_literal(Key::JwtIssuer, "https://issuer")
+            .set_literal(Key::JwtAudience, "chat")
+            .set_literal(Key::DatabaseUrl, "postgres://chat@db:5432/chat")
+            .set_literal(Key::LlmProvider, "openai");
         let problems = ServiceConfig::from_set(&set).unwrap_err();
         let line = termination_for(&problems).to_string();
         assert!(
@@ -511,7 +481,7 @@ mod tests {
             env(&[("PORT", "9123"), ("CHATGATE_LISTEN", "127.0.0.1:7000")]),
         )
         .unwrap();
-        assert_eq!(set.effective("CHATGATE_LISTEN"), Some("127.0.0.1:7000"));
+        assert_eq!(set.effective(Key::Listen), Some("127.0.0.1:7000"));
         let err = load(None, env(&[("PORT", "http")])).unwrap_err();
         assert!(err.starts_with("PORT `http` is not a port number"), "{err}");
     }

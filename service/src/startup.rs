@@ -279,7 +279,7 @@ async fn run_phases(
 
     let t = timer.begin(StartupPhase::Llm);
     let llm = LlmClient::from_config(
-        &config.llm.provider,
+        config.llm.provider.as_str(),
         config.llm.api_key.clone(),
         &config.llm.base_url,
         &config.llm.model,
