@@ -13,7 +13,6 @@ pub const STRUCTURED_KEYS: &[(Key, &str)] = &[
     (Key::Env, "spec.environment"),
     (Key::Listen, "(set by the operator)"),
     (Key::TerminationLog, "(set by the operator)"),
-    (Key::CriticalServices, "spec.criticalServices"),
     (Key::JwtAlgorithm, "spec.jwt.algorithm"),
     (Key::JwtSecret, "spec.jwt.secretRef"),
     (Key::JwtPublicKey, "spec.jwt.publicKeyRef"),
@@ -69,14 +68,6 @@ pub fn declared_config(
     }
 
     c.set_literal(Key::Env, spec.environment.as_str());
-    c.set_literal(
-        Key::CriticalServices,
-        spec.critical_services
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
     c.set_literal(Key::JwtAlgorithm, spec.jwt.algorithm.as_str());
     if let Some(v) = &spec.jwt.issuer {
         c.set_literal(Key::JwtIssuer, v.clone());

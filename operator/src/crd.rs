@@ -5,7 +5,7 @@
 //! (`x-kubernetes-validations`), so `kubectl apply` refuses a nonsensical spec with a
 //! message a person understands before the operator ever sees it.
 
-use chatgate_contract::{CriticalService, Environment};
+use chatgate_contract::Environment;
 // Defined in the contract, where the key table takes its names and defaults from
 // them; re-exported so the CRD's types stay reachable as `crate::crd::*`.
 pub use chatgate_contract::{JwtAlgorithm, LlmProvider};
@@ -92,11 +92,6 @@ pub struct ChatServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_ref: Option<LocalObjectName>,
 
-    /// Critical services startup must produce before a pod takes traffic. Defaults to all.
-    #[serde(default = "default_critical_services")]
-    #[schemars(length(min = 1))]
-    pub critical_services: Vec<CriticalService>,
-
     /// Startup timing: how long a pod may take to build every critical service.
     #[serde(default)]
     pub startup: StartupSpec,
@@ -134,10 +129,6 @@ pub struct SchedulingSpec {
 
 fn default_replicas() -> i32 {
     1
-}
-
-fn default_critical_services() -> Vec<CriticalService> {
-    CriticalService::ALL.to_vec()
 }
 
 /// A key of a Secret in the ChatService's namespace.

@@ -194,7 +194,6 @@ impl Default for RunLimits {
 pub struct ServiceConfig {
     pub environment: Environment,
     pub listen: SocketAddr,
-    pub critical_services: Vec<CriticalService>,
     pub jwt: JwtSettings,
     pub database_url: String,
     pub llm: LlmSettings,
@@ -225,14 +224,6 @@ impl ServiceConfig {
         let config = ServiceConfig {
             environment: env,
             listen: parse.listen(),
-            critical_services: parse
-                .text(Key::CriticalServices)
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| s.parse().ok())
-                .collect(),
             jwt: JwtSettings {
                 algorithm: parse.value(Key::JwtAlgorithm),
                 key: parse.jwt_key(),
@@ -274,10 +265,6 @@ impl ServiceConfig {
         } else {
             Err(parse.problems)
         }
-    }
-
-    pub fn requires(&self, service: CriticalService) -> bool {
-        self.critical_services.contains(&service)
     }
 }
 
@@ -421,7 +408,6 @@ mod tests {
         let config = ServiceConfig::from_set(&ConfigSet::new()).unwrap();
         assert_eq!(config.environment, Environment::Development);
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.critical_services.len(), CriticalService::ALL.len());
         assert!(matches!(config.jwt.key, JwtKeySource::GenerateDevSecret));
         assert!(config.bridge.max_connections >= 10_000);
     }

@@ -309,18 +309,6 @@ async fn run_phases(
             e.to_string(),
         ),
     })?;
-    let unlisted: Vec<&str> = CriticalService::ALL
-        .into_iter()
-        .filter(|s| !config.requires(*s))
-        .map(CriticalService::as_str)
-        .collect();
-    if !unlisted.is_empty() {
-        // /ws cannot serve without any of them, so they are built regardless.
-        warn!(
-            services = %unlisted.join(","),
-            "CHATGATE_CRITICAL_SERVICES leaves out services /ws needs; they were built anyway"
-        );
-    }
     timer.done(t);
 
     Ok(CriticalServices {

@@ -574,7 +574,7 @@ impl Scenario {
 }
 
 /// Scenario 4: a staging ChatService compared with production in `enforce` mode
-/// drifts (it drops a critical service production requires); no new pod may be
+/// drifts (it accepts tokens from another issuer than production); no new pod may be
 /// created, the clients of the running version see nothing.
 async fn drifting_staging(platform: &Platform) -> Result<Measured> {
     let Setup { ns, admin, op, .. } = platform.operator("e2e-drift").await?;
@@ -626,13 +626,17 @@ async fn drifting_staging_in(
         ..Measured::default()
     };
     let changed = Instant::now();
-    let mut critical = staging.spec.critical_services.clone();
-    critical.pop();
+    // Staging starts accepting tokens from another issuer than production: a key
+    // whose parity rule is `match`, so the rollout must not start.
+    let drifted_issuer = format!(
+        "{}-staging",
+        staging.spec.jwt.issuer.as_deref().unwrap_or("chatgate")
+    );
     chat_services
         .patch(
             "chat",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"criticalServices": critical}})),
+            &Patch::Merge(json!({"spec": {"jwt": {"issuer": drifted_issuer}}})),
         )
         .await?;
     let stalled = wait_for(
@@ -653,10 +657,10 @@ async fn drifting_staging_in(
     let parity = condition(&stalled, conditions::PARITY_OK).map(|c| c.message.clone());
     if !parity
         .as_deref()
-        .is_some_and(|m| m.contains("CHATGATE_CRITICAL_SERVICES"))
+        .is_some_and(|m| m.contains("CHATGATE_JWT_ISSUER"))
     {
         measured.problems.push(format!(
-            "ParityOK does not name CHATGATE_CRITICAL_SERVICES: {parity:?}"
+            "ParityOK does not name CHATGATE_JWT_ISSUER: {parity:?}"
         ));
     }
     tokio::time::sleep(SETTLE * 2).await;

@@ -2,7 +2,7 @@
 //! secrecy, requirements, parity rule and the critical service it feeds.
 
 use super::{Environment, JwtAlgorithm, LlmProvider, ValueKind};
-use crate::startup::{CRITICAL_SERVICE_NAMES, CriticalService};
+use crate::startup::CriticalService;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -213,18 +213,6 @@ key_table! {
         parity: ParityRule::Match,
         feeds: None,
         description: "WebSocket wire protocol version served at /ws. Clients of every environment speak the same protocol.",
-    }
-    CriticalServices = "CHATGATE_CRITICAL_SERVICES" {
-        kind: ValueKind::List(Some(CRITICAL_SERVICE_NAMES)),
-        default: Some(
-            "configuration,jwt_verifier,thread_store,llm_client,ws_bridge,agent_supervisor",
-        ),
-        secret: false,
-        required_in: &[],
-        required_when: None,
-        parity: ParityRule::Match,
-        feeds: None,
-        description: "Critical services startup must produce before /health/startup answers 200. Must be the same list as production.",
     }
     JwtAlgorithm = "CHATGATE_JWT_ALGORITHM" {
         kind: ValueKind::OneOf(&JwtAlgorithm::NAMES),
@@ -634,7 +622,6 @@ mod tests {
             Key::Listen,
             Key::HeaderTimeoutSeconds,
             Key::ProtocolVersion,
-            Key::CriticalServices,
             Key::DrainSeconds,
             Key::StartupBudgetSeconds,
             Key::TerminationLog,
