@@ -2,14 +2,14 @@
 //!
 //! Reads manifests as `kustomize build` or `helm template` print them (multi-document
 //! YAML, `-` for standard input), pairs every non-production ChatService with its
-//! production baseline from the same inputs, and runs [`validation::evaluate`] — the
+//! production baseline from the same inputs, and runs [`crate::validation::evaluate`] — the
 //! very function the operator runs before a rollout — on each. Secrets and
 //! ConfigMaps among the inputs (or in `--secrets DIR`) stand in for the cluster's.
 //! What the API server would refuse on `kubectl apply` is reported too: fields the
 //! ChatService types do not have, and the CRD's CEL rules, run offline.
 //!
-//! One module per seam: [`inputs`] reads the manifests, [`schema`] says what the API
-//! server would refuse, [`checks`] runs every check, [`report`] prints the result.
+//! One module per seam: `inputs` reads the manifests, `schema` says what the API
+//! server would refuse, `checks` runs every check, `report` prints the result.
 //!
 //! Exit codes: 0 clean (warnings allowed), 1 a problem that would block the rollout,
 //! 2 input that cannot be read or parsed (reported with file, line and column).

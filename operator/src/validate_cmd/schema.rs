@@ -5,6 +5,9 @@
 use crate::crd::ChatService;
 use chatgate_contract::Environment;
 use chatgate_contract::config::{self, Problem, ProblemKind};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use kube::CustomResourceExt;
 use std::fmt;
 
@@ -34,18 +37,20 @@ impl fmt::Debug for CrdRules {
     }
 }
 
+/// The ChatService's OpenAPI schema, as the generated CRD serves it.
+fn chat_service_schema() -> Option<JSONSchemaProps> {
+    ChatService::crd()
+        .spec
+        .versions
+        .into_iter()
+        .next()?
+        .schema?
+        .open_api_v3_schema
+}
+
 impl CrdRules {
     pub(super) fn new() -> Option<CrdRules> {
-        let crd = ChatService::crd();
-        let schema = crd
-            .spec
-            .versions
-            .first()?
-            .schema
-            .as_ref()?
-            .open_api_v3_schema
-            .as_ref()?;
-        let schema = serde_json::to_value(schema).ok()?;
+        let schema = serde_json::to_value(chat_service_schema()?).ok()?;
         let structure_schema = as_json_schema(schema.clone());
         Some(CrdRules {
             structure: jsonschema::draft4::new(&structure_schema).ok()?,
@@ -151,15 +156,7 @@ pub(super) fn unknown_field_problem(path: &str, env: Environment) -> Problem {
 
 /// The sibling field nearest to a misspelt one, from the CRD's own schema.
 fn suggest_field(path: &str) -> Option<String> {
-    let crd = ChatService::crd();
-    let schema = crd
-        .spec
-        .versions
-        .first()?
-        .schema
-        .as_ref()?
-        .open_api_v3_schema
-        .as_ref()?;
+    let schema = &chat_service_schema()?;
     let segments: Vec<&str> = path.split('.').collect();
     let (last, parents) = segments.split_last()?;
     let mut node = schema;
@@ -168,8 +165,8 @@ fn suggest_field(path: &str) -> Option<String> {
         let field = segment.split('[').next().unwrap_or(segment);
         if field.parse::<usize>().is_ok() {
             node = node.items.as_ref().and_then(|i| match i {
-                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s) => Some(s.as_ref()),
-                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schemas(_) => None,
+                JSONSchemaPropsOrArray::Schema(s) => Some(s.as_ref()),
+                JSONSchemaPropsOrArray::Schemas(_) => None,
             })?;
             continue;
         }

@@ -300,6 +300,27 @@ impl ThreadStore {
         })
     }
 
+    /// Appends `message` to `user`'s thread in a transaction of its own, committed only
+    /// when the thread is theirs (`Ok(None)` otherwise).
+    async fn append_alone(
+        &self,
+        user: &str,
+        thread_id: &str,
+        message: &NewMessage<'_>,
+    ) -> Result<Option<StoredMessage>, sqlx::Error> {
+        with_pool!(self, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                let stored = append_in!(tx, user, thread_id, message)?;
+                if stored.is_some() {
+                    tx.commit().await?;
+                }
+                Ok::<_, sqlx::Error>(stored)
+            }
+            .await
+        })
+    }
+
     /// Appends a message to one of `user`'s threads. Another user's thread, or a
     /// missing one, is [`StoreError::NotFound`]. A `client_message_id` this user already
     /// used is [`StoreError::Duplicate`] carrying the stored message, and nothing is written.
@@ -318,17 +339,7 @@ impl ThreadStore {
             reply_to: None,
             run_id: None,
         };
-        let result = with_pool!(self, |pool| {
-            async {
-                let mut tx = pool.begin().await?;
-                let stored = append_in!(tx, user, thread_id, &message)?;
-                if stored.is_some() {
-                    tx.commit().await?;
-                }
-                Ok::<_, sqlx::Error>(stored)
-            }
-            .await
-        });
+        let result = self.append_alone(user, thread_id, &message).await;
         self.finish_append(user, thread_id, client_message_id, result)
             .await
     }
@@ -406,17 +417,7 @@ impl ThreadStore {
             reply_to: Some(in_reply_to),
             run_id: Some(run_id),
         };
-        let result = with_pool!(self, |pool| {
-            async {
-                let mut tx = pool.begin().await?;
-                let stored = append_in!(tx, user, thread_id, &message)?;
-                if stored.is_some() {
-                    tx.commit().await?;
-                }
-                Ok::<_, sqlx::Error>(stored)
-            }
-            .await
-        });
+        let result = self.append_alone(user, thread_id, &message).await;
         self.finish_append(user, thread_id, None, result).await
     }
 
