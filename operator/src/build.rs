@@ -11,7 +11,7 @@
 use crate::crd::ChatService;
 use crate::meta::{self, ANNOTATION_APPLIED_HASH, ANNOTATION_CONFIG_HASH};
 use crate::validation::ValidatedSpec;
-use chatgate_contract::config::{ConfigSet, ConfigValue};
+use chatgate_contract::config::{ConfigSet, ConfigValue, Key};
 use chatgate_contract::paths;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
@@ -56,12 +56,12 @@ pub const PROBE_TIMEOUT_SECONDS: i32 = 2;
 pub const REVISION_HISTORY_LIMIT: i32 = 5;
 
 /// Keys the operator sets because they depend on how it runs the container.
-pub const OPERATOR_SET: &[(&str, &str)] = &[
-    ("CHATGATE_LISTEN", "0.0.0.0:8080"),
-    ("CHATGATE_TERMINATION_LOG", paths::DEFAULT_TERMINATION_LOG),
+pub const OPERATOR_SET: &[(Key, &str)] = &[
+    (Key::Listen, "0.0.0.0:8080"),
+    (Key::TerminationLog, paths::DEFAULT_TERMINATION_LOG),
 ];
 /// Logs are JSON in a cluster unless the spec says otherwise.
-pub const DEFAULT_LOG_FORMAT: (&str, &str) = ("CHATGATE_LOG_FORMAT", "json");
+pub const DEFAULT_LOG_FORMAT: (Key, &str) = (Key::LogFormat, "json");
 
 /// Everything the operator wants to exist for one ChatService.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,9 +197,9 @@ fn build_config_map(children: &Children, config: &ConfigSet) -> (ConfigMap, Vec<
         }
     }
     for (k, v) in OPERATOR_SET {
-        data.insert((*k).to_owned(), (*v).to_owned());
+        data.insert(k.to_string(), (*v).to_owned());
     }
-    data.entry(DEFAULT_LOG_FORMAT.0.to_owned())
+    data.entry(DEFAULT_LOG_FORMAT.0.to_string())
         .or_insert_with(|| DEFAULT_LOG_FORMAT.1.to_owned());
     let config_map = ConfigMap {
         metadata: children.metadata(meta::config_map_name(&children.name)),

@@ -15,7 +15,7 @@ use crate::build::{
 };
 use crate::crd::ChatService;
 use crate::meta;
-use chatgate_contract::config::{ConfigSet, ConfigValue};
+use chatgate_contract::config::{ConfigSet, ConfigValue, Key};
 use chatgate_contract::paths;
 use k8s_openapi::api::core::v1::{
     ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
@@ -200,12 +200,12 @@ pub fn refusals(cs: &ChatService, config: &ConfigSet, target: Target) -> Vec<Ref
         );
     }
     if let Some(idle) = config
-        .effective("CHATGATE_IDLE_TIMEOUT_SECONDS")
+        .effective(Key::IdleTimeoutSeconds)
         .and_then(|v| v.trim().parse::<i64>().ok())
         && idle > MAX_REQUEST_TIMEOUT_SECONDS
     {
         refuse(
-            "CHATGATE_IDLE_TIMEOUT_SECONDS",
+            Key::IdleTimeoutSeconds.as_str(),
             format!(
                 "is {idle} s, but {platform} ends every request, so every WebSocket, after at most {MAX_REQUEST_TIMEOUT_SECONDS} s (the request timeout)"
             ),
@@ -307,7 +307,7 @@ pub fn refusals(cs: &ChatService, config: &ConfigSet, target: Target) -> Vec<Ref
 /// Open WebSockets one instance takes: the service's own limit, within the platform's.
 fn concurrency(config: &ConfigSet) -> i64 {
     config
-        .effective("CHATGATE_MAX_CONNECTIONS")
+        .effective(Key::MaxConnections)
         .and_then(|v| v.trim().parse::<i64>().ok())
         .unwrap_or(MAX_CONTAINER_CONCURRENCY)
         .clamp(1, MAX_CONTAINER_CONCURRENCY)
@@ -321,12 +321,13 @@ pub fn notes(config: &ConfigSet, target: Target) -> Vec<String> {
         return out;
     }
     if let Some(max) = config
-        .effective("CHATGATE_MAX_CONNECTIONS")
+        .effective(Key::MaxConnections)
         .and_then(|v| v.trim().parse::<i64>().ok())
         && max > MAX_CONTAINER_CONCURRENCY
     {
         out.push(format!(
-            "CHATGATE_MAX_CONNECTIONS is {max}; {} routes at most {MAX_CONTAINER_CONCURRENCY} concurrent requests to one instance, so containerConcurrency is {MAX_CONTAINER_CONCURRENCY}",
+            "{} is {max}; {} routes at most {MAX_CONTAINER_CONCURRENCY} concurrent requests to one instance, so containerConcurrency is {MAX_CONTAINER_CONCURRENCY}",
+            Key::MaxConnections,
             target.platform()
         ));
     }
@@ -375,9 +376,9 @@ pub fn knative_service(cs: &ChatService, config: &ConfigSet, target: Target) -> 
     }
     // The platform sets $PORT, which the service listens on when CHATGATE_LISTEN is
     // unset; logs are JSON for Cloud Logging unless the spec says otherwise.
-    if config.get("CHATGATE_LOG_FORMAT").is_none() {
+    if config.get(crate::build::DEFAULT_LOG_FORMAT.0).is_none() {
         env.push(EnvVar {
-            name: crate::build::DEFAULT_LOG_FORMAT.0.to_owned(),
+            name: crate::build::DEFAULT_LOG_FORMAT.0.to_string(),
             value: Some(crate::build::DEFAULT_LOG_FORMAT.1.to_owned()),
             value_from: None,
         });

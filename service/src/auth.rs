@@ -11,6 +11,7 @@ use crate::config::{JwtKeySource, JwtSettings};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use chatgate_contract::config::Key;
 use chatgate_contract::paths;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -18,6 +19,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The keys the verifier's errors name, as the contract spells them.
+const ALGORITHM_KEY: &str = Key::JwtAlgorithm.as_str();
+const PUBLIC_KEY_KEY: &str = Key::JwtPublicKey.as_str();
+const JWKS_FILE_KEY: &str = Key::JwtJwksFile.as_str();
 
 /// The user a verified token names (`sub`). Shared, because every frame of a
 /// connection and every agent run refer to it.
@@ -94,7 +100,7 @@ impl JwtVerifier {
             "ES256" => Algorithm::ES256,
             other => {
                 return Err(format!(
-                    "CHATGATE_JWT_ALGORITHM `{other}` is not supported; use HS256, RS256 or ES256"
+                    "{ALGORITHM_KEY} `{other}` is not supported; use HS256, RS256 or ES256"
                 ));
             }
         };
@@ -182,7 +188,7 @@ fn public_key(algorithm: Algorithm, pem_or_path: &str) -> Result<DecodingKey, St
         // secret (an HS256 secret, say), and this message reaches the pod's status.
         std::fs::read_to_string(pem_or_path.trim()).map_err(|e| {
             format!(
-                "CHATGATE_JWT_PUBLIC_KEY is neither a PEM key (no -----BEGIN line) nor a readable file ({e}); set it to the PEM text or a path to it"
+                "{PUBLIC_KEY_KEY} is neither a PEM key (no -----BEGIN line) nor a readable file ({e}); set it to the PEM text or a path to it"
             )
         })?
     };
@@ -192,7 +198,7 @@ fn public_key(algorithm: Algorithm, pem_or_path: &str) -> Result<DecodingKey, St
     };
     key.map_err(|e| {
         format!(
-            "CHATGATE_JWT_PUBLIC_KEY is not a PEM {} public key ({e}); set it to the issuer's public key",
+            "{PUBLIC_KEY_KEY} is not a PEM {} public key ({e}); set it to the issuer's public key",
             if algorithm == Algorithm::RS256 {
                 "RSA"
             } else {
@@ -208,13 +214,13 @@ fn jwks(
 ) -> Result<HashMap<String, DecodingKey>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         format!(
-            "CHATGATE_JWT_JWKS_FILE {} cannot be read: {e}; mount the JWKS file there",
+            "{JWKS_FILE_KEY} {} cannot be read: {e}; mount the JWKS file there",
             path.display()
         )
     })?;
     let set: JwkSet = serde_json::from_str(&text).map_err(|e| {
         format!(
-            "CHATGATE_JWT_JWKS_FILE {} is not a JWKS document ({e}); it must be {{\"keys\": [...]}}",
+            "{JWKS_FILE_KEY} {} is not a JWKS document ({e}); it must be {{\"keys\": [...]}}",
             path.display()
         )
     })?;
@@ -234,7 +240,7 @@ fn jwks(
         }
         let key = DecodingKey::from_jwk(jwk).map_err(|e| {
             format!(
-                "CHATGATE_JWT_JWKS_FILE {}: key #{i} cannot be used ({e})",
+                "{JWKS_FILE_KEY} {}: key #{i} cannot be used ({e})",
                 path.display()
             )
         })?;
@@ -243,7 +249,7 @@ fn jwks(
     }
     if keys.is_empty() {
         return Err(format!(
-            "CHATGATE_JWT_JWKS_FILE {} holds no {algorithm:?} key; add the issuer's public key or change CHATGATE_JWT_ALGORITHM",
+            "{JWKS_FILE_KEY} {} holds no {algorithm:?} key; add the issuer's public key or change {ALGORITHM_KEY}",
             path.display()
         ));
     }

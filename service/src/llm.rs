@@ -32,17 +32,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatgate_contract::config::Key;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 /// Configuration key naming the provider.
-pub const PROVIDER_KEY: &str = "CHATGATE_LLM_PROVIDER";
+pub const PROVIDER_KEY: &str = Key::LlmProvider.as_str();
 /// Configuration key holding the provider's API key.
-pub const API_KEY_KEY: &str = "CHATGATE_LLM_API_KEY";
+pub const API_KEY_KEY: &str = Key::LlmApiKey.as_str();
 /// Configuration key holding the provider's base URL (`…/v1`).
-pub const BASE_URL_KEY: &str = "CHATGATE_LLM_BASE_URL";
+pub const BASE_URL_KEY: &str = Key::LlmBaseUrl.as_str();
 /// Configuration key holding the model name.
-pub const MODEL_KEY: &str = "CHATGATE_LLM_MODEL";
+pub const MODEL_KEY: &str = Key::LlmModel.as_str();
 
 /// Fails unless the system trust store (the image's `/etc/ssl/certs`, or
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR`) holds at least one CA certificate: without one

@@ -14,6 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use chatgate_contract::config::Key;
 use chatgate_contract::{ConfigSet, CriticalService, HealthReport, ServiceState, paths};
 use futures::FutureExt;
 use std::net::SocketAddr;
@@ -22,6 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, error, info, warn};
+
+/// The key a listen failure names, as the contract spells it.
+const LISTEN_KEY: &str = Key::Listen.as_str();
 
 /// How long stopping agent runs and closing open sockets with 1012 may take,
 /// together, before the process exits anyway (the drain delay comes before this).
@@ -254,11 +258,11 @@ async fn serve(
 /// Runs the service to the end. Returns the process exit code.
 pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     logging::init(
-        LogFormat::from_config(set.effective("CHATGATE_LOG_FORMAT")),
+        LogFormat::from_config(set.effective(Key::LogFormat)),
         "info",
     );
     let termination_log = set
-        .effective("CHATGATE_TERMINATION_LOG")
+        .effective(Key::TerminationLog)
         .unwrap_or(paths::DEFAULT_TERMINATION_LOG)
         .to_string();
     let instance = Arc::new(ServiceInstance::new(started));
@@ -287,7 +291,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let header_timeout = Duration::from_secs(
-        set.effective("CHATGATE_HEADER_TIMEOUT_SECONDS")
+        set.effective(Key::HeaderTimeoutSeconds)
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(10)
             .max(1),
@@ -300,7 +304,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
     ));
 
     let budget = set
-        .effective("CHATGATE_STARTUP_BUDGET_SECONDS")
+        .effective(Key::StartupBudgetSeconds)
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(60);
     let budget = Duration::from_secs(budget);
@@ -382,7 +386,7 @@ pub async fn run(set: ConfigSet, started: Instant) -> i32 {
 
 async fn bind(set: &ConfigSet) -> Result<TcpListener, String> {
     let raw = set
-        .effective("CHATGATE_LISTEN")
+        .effective(Key::Listen)
         .unwrap_or("127.0.0.1:8080")
         .trim()
         .to_string();
@@ -393,11 +397,11 @@ async fn bind(set: &ConfigSet) -> Result<TcpListener, String> {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
-                format!("CHATGATE_LISTEN `{raw}` is not an address this host can listen on; use IP:PORT such as 127.0.0.1:8080")
+                format!("{LISTEN_KEY} `{raw}` is not an address this host can listen on; use IP:PORT such as 127.0.0.1:8080")
             })?,
     };
     TcpListener::bind(addr).await.map_err(|e| {
-        format!("CHATGATE_LISTEN {addr} cannot be bound ({e}); choose a free port or stop the process using it")
+        format!("{LISTEN_KEY} {addr} cannot be bound ({e}); choose a free port or stop the process using it")
     })
 }
 

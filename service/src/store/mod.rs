@@ -52,6 +52,7 @@ mod types;
 
 use std::time::Duration;
 
+use chatgate_contract::config::Key;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, migrate::Migrator};
@@ -68,7 +69,7 @@ use types::{ENTRY_OVERHEAD_BYTES, ThreadCursor, parse_message_cursor};
 
 /// The configuration key a user sets to choose the database; named in every
 /// configuration error so the person reading it knows what to change.
-pub const DATABASE_URL_KEY: &str = "CHATGATE_DATABASE_URL";
+pub const DATABASE_URL_KEY: &str = Key::DatabaseUrl.as_str();
 
 /// `list_threads` answers at most this many threads (the most recently updated), so
 /// one `threads` frame stays well under any message size limit.
