@@ -1,6 +1,10 @@
 //! Reading manifest streams as `kubectl`, `kustomize build` and `helm template` write
 //! them: multi-document YAML, split at its markers with the line each document starts
 //! on, so a parse error names its line in the whole file.
+//!
+//! Why a splitter of our own: serde_norway's stream deserializer (which `render` uses,
+//! naming a bad document by its number) does not say where each document starts, and
+//! `validate` names every ChatService it reports as `file:line`.
 
 use std::fmt;
 
