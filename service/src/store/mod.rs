@@ -101,6 +101,10 @@ enum Pool {
     Postgres(PgPool),
 }
 
+/// A new, empty thread: `$1` id, `$2` user, `$3` title, `$4` now (created and updated).
+const INSERT_THREAD: &str = "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
+     VALUES ($1, $2, $3, $4, $4, 0)";
+
 /// Runs the same query code against whichever pool is configured. Both backends
 /// accept `$N` placeholders, so each statement is written once.
 macro_rules! with_pool {
@@ -281,17 +285,14 @@ impl ThreadStore {
         let title = clip_title(title);
         let now = now_micros();
         let result = with_pool!(self, |pool| {
-            sqlx::query(
-                "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
-                 VALUES ($1, $2, $3, $4, $4, 0)",
-            )
-            .bind(&thread_id)
-            .bind(user)
-            .bind(&title)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(drop)
+            sqlx::query(INSERT_THREAD)
+                .bind(&thread_id)
+                .bind(user)
+                .bind(&title)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(drop)
         });
         result.map_err(|e| self.error(e))?;
         Ok(ThreadSummary {
@@ -372,16 +373,13 @@ impl ThreadStore {
             async {
                 let mut tx = pool.begin().await?;
                 if created_thread {
-                    sqlx::query(
-                        "INSERT INTO threads (thread_id, user_id, title, created_at, updated_at, message_count) \
-                         VALUES ($1, $2, $3, $4, $4, 0)",
-                    )
-                    .bind(&thread_id)
-                    .bind(user)
-                    .bind(&title)
-                    .bind(now_micros())
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query(INSERT_THREAD)
+                        .bind(&thread_id)
+                        .bind(user)
+                        .bind(&title)
+                        .bind(now_micros())
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 let stored = append_in!(tx, user, &thread_id, &message)?;
                 if stored.is_some() {
