@@ -18,7 +18,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -82,6 +82,93 @@ pub struct Context {
     pub resync: Duration,
     /// Consecutive failed reconciles per ChatService (`namespace/name`), for the back-off.
     pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// Statuses written that the ChatService cache may not show yet.
+    pub written: Arc<WrittenStatuses>,
+    /// The namespaces the operator watches; `None` for every namespace.
+    pub watched_namespaces: Option<Vec<String>>,
+}
+
+impl Context {
+    /// Whether a change in `namespace` reaches the operator through its watches.
+    pub fn watches_namespace(&self, namespace: &str) -> bool {
+        self.watched_namespaces
+            .as_ref()
+            .is_none_or(|watched| watched.iter().any(|w| w == namespace))
+    }
+}
+
+/// The statuses this operator wrote that its ChatService cache may not show yet.
+///
+/// A reconcile triggered by a child (a Deployment's status, say) can start before the
+/// watch has delivered the status the previous reconcile wrote. Starting from the
+/// cached, older status it would write the same status again and announce the same
+/// transitions twice (with 500 ChatServices created at once, a quarter of the status
+/// writes were such repeats). So a written status is kept, with the resource version
+/// of the ChatService it was computed from, until the cache moves past that version.
+#[derive(Default)]
+pub struct WrittenStatuses(std::sync::Mutex<HashMap<ObjectRef<ChatService>, Written>>);
+
+struct Written {
+    uid: Option<String>,
+    /// The resource version of the ChatService the status was computed from.
+    computed_from: Option<String>,
+    status: ChatServiceStatus,
+}
+
+impl WrittenStatuses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ChatService>, Written>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The newest status of `cs` this operator knows: the one it wrote, while the cache
+    /// still holds the version that status was computed from; else the cached one.
+    pub fn newest(&self, cs: &ChatService) -> Option<ChatServiceStatus> {
+        let key = ObjectRef::from_obj(cs);
+        let mut written = self.lock();
+        match written.get(&key) {
+            Some(w)
+                if w.uid == cs.metadata.uid && w.computed_from == cs.metadata.resource_version =>
+            {
+                Some(w.status.clone())
+            }
+            Some(_) => {
+                written.remove(&key);
+                cs.status.clone()
+            }
+            None => cs.status.clone(),
+        }
+    }
+
+    /// `status` was written, computed from `cs` as it was then.
+    pub fn wrote(&self, cs: &ChatService, status: &ChatServiceStatus) {
+        self.lock().insert(
+            ObjectRef::from_obj(cs),
+            Written {
+                uid: cs.metadata.uid.clone(),
+                computed_from: cs.metadata.resource_version.clone(),
+                status: status.clone(),
+            },
+        );
+    }
+
+    /// The watch delivered `cs` (changed or deleted): a status computed from an older
+    /// version is in the cache now, or no longer matters.
+    pub fn seen(&self, cs: &ChatService) {
+        let key = ObjectRef::from_obj(cs);
+        let mut written = self.lock();
+        if written.get(&key).is_some_and(|w| {
+            w.uid != cs.metadata.uid || w.computed_from != cs.metadata.resource_version
+        }) {
+            written.remove(&key);
+        }
+    }
+
+    /// `cs` is gone.
+    pub fn forget(&self, cs: &ChatService) {
+        self.lock().remove(&ObjectRef::from_obj(cs));
+    }
 }
 
 /// The first retry after a failed reconcile waits about this long.
@@ -114,9 +201,11 @@ fn jitter_unit() -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// How soon a ChatService whose child name is taken is looked at again: the foreign
-/// object is not watched, so its removal is noticed this way.
-const NOT_OWNED_RECHECK: Duration = Duration::from_secs(15);
+/// How soon a ChatService that depends on an object no watch covers is looked at
+/// again: a foreign object holding a child's name (its removal is noticed this way),
+/// or a parity baseline in a namespace the operator does not watch (its creation or
+/// change is).
+const UNWATCHED_RECHECK: Duration = Duration::from_secs(15);
 
 /// Reconciles one ChatService: one tracing span, one duration sample, one counter.
 pub async fn reconcile(cs: Arc<ChatService>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -184,10 +273,8 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
             })?;
 
     // 2 + 3. Build and apply, unless the configuration must not roll out.
-    let prev_conditions = cs
-        .status
-        .as_ref()
-        .map_or(&[][..], |s| s.conditions.as_slice());
+    let prev = ctx.written.newest(cs);
+    let prev_conditions = prev.as_ref().map_or(&[][..], |s| s.conditions.as_slice());
     let mut apply_error = None;
     let applied = match validation.rollout() {
         None => {
@@ -255,12 +342,13 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
         &applying,
         status::startup_failures(&pods, CONTAINER_NAME),
     );
-    let next = status::desired_status(cs.status.as_ref(), &observed, &(ctx.clock)());
+    let next = status::desired_status(prev.as_ref(), &observed, &(ctx.clock)());
     ctx.metrics.observe_chatservice(cs, &next, Instant::now());
-    if cs.status.as_ref() != Some(&next) {
+    if prev.as_ref() != Some(&next) {
         write_status(ctx, cs, &next)
             .await
             .map_err(|source| Error::Status { object, source })?;
+        ctx.written.wrote(cs, &next);
         ctx.metrics.wrote("status", 1);
         // The Events go out beside the reconcile, not in it: each is one more round
         // trip, and while a reconcile slot is held for them a ChatService whose
@@ -275,8 +363,10 @@ async fn reconcile_inner(cs: &ChatService, ctx: &Context) -> Result<Action, Erro
     if let Some(e) = apply_error {
         return Err(e.into());
     }
-    if not_owned {
-        return Ok(Action::requeue(NOT_OWNED_RECHECK.min(ctx.resync)));
+    let baseline_unwatched = crate::dereference::baseline_of(cs)
+        .is_some_and(|(namespace, _)| !ctx.watches_namespace(&namespace));
+    if not_owned || baseline_unwatched {
+        return Ok(Action::requeue(UNWATCHED_RECHECK.min(ctx.resync)));
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -333,6 +423,60 @@ async fn publish_transitions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stored(resource_version: &str, status: Option<ChatServiceStatus>) -> ChatService {
+        let mut cs = ChatService::test("chat")
+            .namespace("ns")
+            .stored("uid-1", 1)
+            .build();
+        cs.metadata.resource_version = Some(resource_version.to_owned());
+        cs.status = status;
+        cs
+    }
+
+    fn status(observed_generation: i64) -> ChatServiceStatus {
+        ChatServiceStatus {
+            observed_generation: Some(observed_generation),
+            ..ChatServiceStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_written_status_counts_until_the_cache_moves_past_what_it_was_computed_from() {
+        let written = WrittenStatuses::default();
+        let at_7 = stored("7", Some(status(0)));
+        assert_eq!(written.newest(&at_7), Some(status(0)));
+        written.wrote(&at_7, &status(1));
+        // The cache still holds version 7: the written status is the newest.
+        assert_eq!(written.newest(&at_7), Some(status(1)));
+        // The watch delivered version 7 again (a re-list): still behind.
+        written.seen(&at_7);
+        assert_eq!(written.newest(&at_7), Some(status(1)));
+        // The cache moved on (to the write, or past it): the cache is the newest.
+        let at_8 = stored("8", Some(status(1)));
+        written.seen(&at_8);
+        assert!(written.0.lock().unwrap().is_empty());
+        assert_eq!(written.newest(&at_7), Some(status(0)));
+    }
+
+    #[test]
+    fn a_written_status_is_dropped_for_a_newer_version_another_object_or_a_deletion() {
+        let written = WrittenStatuses::default();
+        let at_7 = stored("7", None);
+        written.wrote(&at_7, &status(1));
+        // A reconcile that finds the cache ahead uses it, and forgets the write.
+        let at_9 = stored("9", Some(status(2)));
+        assert_eq!(written.newest(&at_9), Some(status(2)));
+        assert!(written.0.lock().unwrap().is_empty());
+        // The same name, recreated (another uid) at the same version number.
+        written.wrote(&at_7, &status(1));
+        let mut recreated = stored("7", None);
+        recreated.metadata.uid = Some("uid-2".into());
+        assert_eq!(written.newest(&recreated), None);
+        written.wrote(&at_7, &status(1));
+        written.forget(&at_7);
+        assert!(written.0.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn retries_double_from_one_second_up_to_five_minutes() {

@@ -25,7 +25,7 @@ use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{Controller, Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use serde::de::DeserializeOwned;
@@ -352,23 +352,40 @@ async fn run_scope(
     // controller waits on the same one-shot, which keeps only the last waiter's waker.
     let (cs_store, cs_writer) = reflector::store();
     let (listed_tx, listed) = watch::channel(false);
+    let written = Arc::new(controller::WrittenStatuses::default());
     let chat_services = reflector::reflector(
         cs_writer,
         watcher(api::<ChatService>(&client, ns), watch_config()).default_backoff(),
     )
     .inspect({
         let metrics = health.metrics.clone();
+        let written = written.clone();
         move |event| match event {
             Ok(watcher::Event::InitDone) => {
                 listed_tx.send_replace(true);
             }
+            Ok(watcher::Event::Apply(cs) | watcher::Event::InitApply(cs)) => {
+                written.seen(cs);
+            }
             Ok(watcher::Event::Delete(cs)) => {
+                written.forget(cs);
                 metrics.forget_chatservice(&cs.namespace().unwrap_or_default(), &cs.name_any());
             }
             _ => {}
         }
     })
-    .applied_objects();
+    .applied_objects()
+    // A change of status alone is the operator's own write (or a stale copy of it):
+    // reconciling it again costs a round of reads and decides nothing new.
+    // Everything the operator reads of a ChatService is its spec (the generation),
+    // labels and annotations; a status edited by hand is put right on the next
+    // event or resync.
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        PredicateConfig::default(),
+    );
     let controller = Controller::for_stream(chat_services, cs_store.clone());
 
     // Referenced objects, mapped back to the ChatServices that use them. Secrets are
@@ -457,6 +474,11 @@ async fn run_scope(
         clock,
         resync: Duration::from_secs(options.resync_seconds.max(1)),
         failures: Default::default(),
+        written,
+        watched_namespaces: scopes
+            .iter()
+            .map(|scope| scope.map(str::to_owned))
+            .collect(),
     });
 
     let (s1, s2, s3) = (cs_store.clone(), cs_store.clone(), cs_store.clone());

@@ -240,6 +240,36 @@ fn unknown_spec_fields_and_configuration_keys_are_reported() {
 }
 
 #[test]
+fn a_manifest_still_setting_the_removed_critical_services_field_is_told_to_drop_it() {
+    // `spec.criticalServices` existed in earlier v1alpha1 manifests; `/ws` needs every
+    // critical service, so the field was removed. The API server would prune it
+    // without a word; validate names it.
+    let manifest = "apiVersion: chatgate.dev/v1alpha1
+kind: ChatService
+metadata:
+  name: chat
+  namespace: dev
+spec:
+  image: ghcr.io/chatgate/chatgate-service:1.0.0
+  environment: development
+  criticalServices: [store, llm]
+";
+    let out = validate_with_stdin(&["-", "-o", "json"], Some(manifest));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(
+        problems(&report),
+        [triple("dev/chat", "spec.criticalServices", "unknown-key")]
+    );
+    let message = report["problems"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the API server would drop it"),
+        "{message}"
+    );
+    assert_eq!(report["resources"][0]["blocksRollout"], true);
+}
+
+#[test]
 fn json_output_describes_every_resource_and_problem() {
     let out = validate(&[
         "production.yaml",

@@ -75,11 +75,12 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn api_server_writes(client: &Client) -> Result<f64> {
+/// `apiserver_request_total` summed by (verb, resource), over every code and scope.
+async fn api_server_requests(client: &Client) -> Result<BTreeMap<(String, String), f64>> {
     let text = client
         .request_text(http::Request::get("/metrics").body(Vec::new())?)
         .await?;
-    let mut total = 0.0;
+    let mut total = BTreeMap::new();
     for line in text
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
@@ -95,13 +96,48 @@ async fn api_server_writes(client: &Client) -> Result<f64> {
                 .unwrap_or_default()
                 .to_owned()
         };
-        if WRITE_VERBS.contains(&label("verb").as_str())
-            && RESOURCES.contains(&label("resource").as_str())
-        {
-            total += value.parse::<f64>().unwrap_or(0.0);
-        }
+        *total
+            .entry((label("verb"), label("resource")))
+            .or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
     }
     Ok(total)
+}
+
+/// Write requests the API server served for the operator's kinds so far.
+async fn api_server_writes(client: &Client) -> Result<f64> {
+    Ok(api_server_requests(client)
+        .await?
+        .iter()
+        .filter(|((verb, resource), _)| {
+            WRITE_VERBS.contains(&verb.as_str()) && RESOURCES.contains(&resource.as_str())
+        })
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// The requests served between two counts, per (verb, resource), most first, for
+/// the operator's kinds and those the controller-manager writes for them.
+fn requests_between(
+    before: &BTreeMap<(String, String), f64>,
+    after: &BTreeMap<(String, String), f64>,
+) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = after
+        .iter()
+        .filter(|((_, resource), _)| {
+            RESOURCES.contains(&resource.as_str())
+                || ["replicasets", "events", "secrets", "pods"].contains(&resource.as_str())
+        })
+        .map(|((verb, resource), n)| {
+            let was = before
+                .get(&(verb.clone(), resource.clone()))
+                .copied()
+                .unwrap_or(0.0);
+            (format!("{verb} {resource}"), n - was)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -113,6 +149,97 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Clock ticks per second, the unit of `/proc`'s CPU times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a constant of the running system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU seconds (user and system) a process has used so far (`/proc/PID/stat`), or
+/// `/proc/self/stat` for this test process.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces; the fields after it start at the last ')'.
+    // There, utime and stime (fields 14 and 15 of the line) are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// CPU seconds the whole machine has spent busy so far, over all its cores
+/// (`/proc/stat`: everything but idle and I/O wait).
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: f64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy / clock_ticks())
+}
+
+/// The CPU seconds of every process that takes part, and of the machine, at one
+/// moment; two of them give what each spent in between.
+struct CpuSample {
+    processes: Vec<(String, Option<f64>)>,
+    machine: Option<f64>,
+    at: Instant,
+}
+
+impl CpuSample {
+    fn take(processes: &[(String, Option<u32>)]) -> CpuSample {
+        CpuSample {
+            processes: processes
+                .iter()
+                .map(|(name, pid)| (name.clone(), cpu_seconds(*pid)))
+                .collect(),
+            machine: machine_busy_seconds(),
+            at: Instant::now(),
+        }
+    }
+
+    /// `cpu_s_<process>` for each process and `machine_busy_cores` between `self` and
+    /// `later`.
+    fn spent_until(&self, later: &CpuSample) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .processes
+            .iter()
+            .zip(&later.processes)
+            .map(|((name, a), (_, b))| {
+                let spent = a
+                    .zip(*b)
+                    .map_or("n/a".to_owned(), |(a, b)| format!("{:.1}", b - a));
+                (format!("cpu_s_{name}"), spent)
+            })
+            .collect();
+        let wall = later.at.saturating_duration_since(self.at).as_secs_f64();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = self
+            .machine
+            .zip(later.machine)
+            .map_or("n/a".to_owned(), |(a, b)| {
+                format!("{:.2} of {cores}", (b - a) / wall.max(f64::EPSILON))
+            });
+        out.push(("machine_busy_cores".to_owned(), busy));
+        out
+    }
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -222,6 +349,15 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
 
     // Apply them all at once (32 requests in flight).
     let api: Api<ChatService> = ns.api(admin.clone());
+    let mut processes: Vec<(String, Option<u32>)> = cp
+        .pids()
+        .into_iter()
+        .map(|(name, pid)| (name, Some(pid)))
+        .collect();
+    processes.push(("operator".to_owned(), Some(pid)));
+    processes.push(("bench".to_owned(), None));
+    let cpu_at_start = CpuSample::take(&processes);
+    let requests_at_start = api_server_requests(&admin).await?;
     let started = Instant::now();
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut creates = tokio::task::JoinSet::new();
@@ -322,6 +458,11 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
     )
     .await?;
     let settled_in = started.elapsed();
+    let cpu_spent = cpu_at_start.spent_until(&CpuSample::take(&processes));
+    let requests_until_settled =
+        requests_between(&requests_at_start, &api_server_requests(&admin).await?);
+    let (_, m) = http_get(port, "/metrics").await?;
+    let reconciles_until_settled = metric(&m, "chatgate_operator_reconciles_completed_total");
 
     // Where the time to Ready went: the deployment controller (Deployment created →
     // rolled out by its own status) and the operator (rolled out → ChatService Ready).
@@ -443,6 +584,18 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
     println!("\n== operator benchmark ==");
     for (k, v) in &report {
         println!("{k:32} {v}");
+    }
+    // Until every ChatService was Ready and the operator idle: who spent the CPU.
+    for (k, v) in &cpu_spent {
+        println!("{k:32} {v}");
+    }
+    println!(
+        "{:32} {reconciles_until_settled}",
+        "reconciles_until_settled"
+    );
+    // The requests the API server served meanwhile (the bench's own polls included).
+    for (what, n) in &requests_until_settled {
+        println!("{:32} {n}", format!("requests {what}"));
     }
     assert_eq!(after - before, 0.0, "a no-op resync wrote");
     Ok(())

@@ -350,9 +350,9 @@ fn startup_failures_are_read_from_termination_messages() {
 fn transitions_are_new_or_changed_conditions_only() {
     let v = Validation::default();
     let a = desired_status(None, &observed(&v, Some(rollout(2, 1, 1))), &at(1));
-    let t = transitions(&[], &a.conditions);
-    assert_eq!(t.len(), a.conditions.len());
-    assert!(t.iter().all(|t| !t.warning));
+    // A healthy first status is no news: no Event for any of its conditions.
+    assert!(a.conditions.len() >= 4);
+    assert!(transitions(&[], &a.conditions).is_empty());
     assert!(transitions(&a.conditions, &a.conditions).is_empty());
     let b = desired_status(Some(&a), &observed(&v, Some(rollout(2, 2, 2))), &at(2));
     let t = transitions(&a.conditions, &b.conditions);
@@ -365,6 +365,21 @@ fn transitions_are_new_or_changed_conditions_only() {
     let c = desired_status(Some(&b), &observed(&bad, Some(rollout(2, 2, 2))), &at(3));
     let t = transitions(&b.conditions, &c.conditions);
     assert!(t.iter().any(|t| t.type_ == STALLED && t.warning));
+    // A first status that names a problem says so at once, and only the problem.
+    let first = desired_status(None, &observed(&bad, None), &at(1));
+    let t = transitions(&[], &first.conditions);
+    assert!(!t.is_empty());
+    assert!(t.iter().all(|t| t.warning), "{t:?}");
+    assert!(t.iter().any(|t| t.type_ == STALLED));
+    // A condition that appears on a ChatService that has a status is news: here
+    // `Reconciling` when a new rollout starts.
+    let d = desired_status(Some(&b), &observed(&v, Some(rollout(2, 1, 2))), &at(4));
+    assert!(find(&b.conditions, RECONCILING).is_none());
+    let t = transitions(&b.conditions, &d.conditions);
+    assert!(
+        t.iter().any(|t| t.type_ == RECONCILING && !t.warning),
+        "{t:?}"
+    );
 }
 
 #[test]

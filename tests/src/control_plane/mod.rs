@@ -327,6 +327,15 @@ impl ControlPlane {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// The components it runs, as (name, process id), in start order: what a
+    /// benchmark samples to say which process spent the time.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.lock_processes()
+            .iter()
+            .map(|p| (p.name().to_owned(), p.pid()))
+            .collect()
+    }
+
     /// Stops one component (SIGTERM, then SIGKILL after `grace`), leaving the others
     /// running and its data in place: a fault, for tests that prove what survives it.
     pub fn stop_process(&self, name: &str, grace: Duration) -> Result<()> {
