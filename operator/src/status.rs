@@ -332,6 +332,16 @@ pub fn decide(o: &Observed<'_>) -> Vec<Decided> {
             ),
         )),
         (false, None) => Some((reason::CREATING, "creating the Deployment".to_owned())),
+        // Until the deployment controller has seen the new template, the Deployment's
+        // counts describe the previous one: "2/2 updated" would be untrue.
+        (false, Some(r)) if !complete && !r.observed => Some((
+            reason::ROLLING_OUT,
+            format!(
+                "rolling out generation {}: waiting for the deployment controller to take up the new Deployment; {}/{desired} ready",
+                o.generation.unwrap_or(0),
+                r.ready
+            ),
+        )),
         (false, Some(r)) if !complete => Some((
             reason::ROLLING_OUT,
             format!(

@@ -477,3 +477,26 @@ fn a_deployment_not_applied_this_time_is_observed_but_not_taken_as_applied() {
     assert_eq!(o.not_owned, None);
     assert_eq!(o.generation, Some(7));
 }
+
+#[test]
+fn a_rollout_the_deployment_controller_has_not_seen_claims_no_updated_pods() {
+    let v = Validation::default();
+    // Just after a new template is applied the Deployment still counts the old pods as
+    // updated and ready.
+    let stale = Rollout {
+        observed: false,
+        ..rollout(2, 2, 2)
+    };
+    let s = desired_status(None, &observed(&v, Some(stale)), &at(1));
+    let r = find(&s.conditions, RECONCILING).unwrap();
+    assert_eq!(r.reason, reason::ROLLING_OUT);
+    assert!(!r.message.contains("updated"), "{}", r.message);
+    assert!(r.message.contains("deployment controller"), "{}", r.message);
+    assert!(r.message.contains("2/2 ready"), "{}", r.message);
+    let ready = find(&s.conditions, READY).unwrap();
+    assert_eq!(ready.status, "False");
+    // Once it has, the counts are the new template's.
+    let s = desired_status(None, &observed(&v, Some(rollout(2, 1, 2))), &at(2));
+    let r = find(&s.conditions, RECONCILING).unwrap();
+    assert!(r.message.contains("1/2 pods updated"), "{}", r.message);
+}
