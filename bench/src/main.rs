@@ -5,7 +5,6 @@
 
 mod client;
 mod phases;
-mod proc_stats;
 mod replicas;
 mod report;
 mod server;

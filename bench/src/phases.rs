@@ -13,7 +13,7 @@ use tokio::sync::{Barrier, watch};
 use tokio::task::JoinSet;
 
 use crate::client::{self, Endpoint, STEP_TIMEOUT, TokenMint, Ws};
-use crate::proc_stats;
+use chatgate_tests::proc_stats;
 
 /// Connections opened at once while setting up a phase (not measured).
 const SETUP_CONCURRENCY: usize = 50;

@@ -111,8 +111,15 @@ pub struct WrittenStatuses(std::sync::Mutex<HashMap<ObjectRef<ChatService>, Writ
 struct Written {
     uid: Option<String>,
     /// The resource version of the ChatService the status was computed from.
-    computed_from: Option<String>,
+    resource_version: Option<String>,
     status: ChatServiceStatus,
+}
+
+impl Written {
+    /// Whether this status was computed from `cs` exactly as the cache holds it.
+    fn computed_from(&self, cs: &ChatService) -> bool {
+        self.uid == cs.metadata.uid && self.resource_version == cs.metadata.resource_version
+    }
 }
 
 impl WrittenStatuses {
@@ -128,11 +135,7 @@ impl WrittenStatuses {
         let key = ObjectRef::from_obj(cs);
         let mut written = self.lock();
         match written.get(&key) {
-            Some(w)
-                if w.uid == cs.metadata.uid && w.computed_from == cs.metadata.resource_version =>
-            {
-                Some(w.status.clone())
-            }
+            Some(w) if w.computed_from(cs) => Some(w.status.clone()),
             Some(_) => {
                 written.remove(&key);
                 cs.status.clone()
@@ -147,7 +150,7 @@ impl WrittenStatuses {
             ObjectRef::from_obj(cs),
             Written {
                 uid: cs.metadata.uid.clone(),
-                computed_from: cs.metadata.resource_version.clone(),
+                resource_version: cs.metadata.resource_version.clone(),
                 status: status.clone(),
             },
         );
@@ -158,9 +161,7 @@ impl WrittenStatuses {
     pub fn seen(&self, cs: &ChatService) {
         let key = ObjectRef::from_obj(cs);
         let mut written = self.lock();
-        if written.get(&key).is_some_and(|w| {
-            w.uid != cs.metadata.uid || w.computed_from != cs.metadata.resource_version
-        }) {
+        if written.get(&key).is_some_and(|w| !w.computed_from(cs)) {
             written.remove(&key);
         }
     }

@@ -332,25 +332,24 @@ pub fn decide(o: &Observed<'_>) -> Vec<Decided> {
             ),
         )),
         (false, None) => Some((reason::CREATING, "creating the Deployment".to_owned())),
-        // Until the deployment controller has seen the new template, the Deployment's
-        // counts describe the previous one: "2/2 updated" would be untrue.
-        (false, Some(r)) if !complete && !r.observed => Some((
-            reason::ROLLING_OUT,
-            format!(
-                "rolling out generation {}: waiting for the deployment controller to take up the new Deployment; {}/{desired} ready",
-                o.generation.unwrap_or(0),
-                r.ready
-            ),
-        )),
-        (false, Some(r)) if !complete => Some((
-            reason::ROLLING_OUT,
-            format!(
-                "rolling out generation {}: {}/{desired} pods updated, {}/{desired} ready",
-                o.generation.unwrap_or(0),
-                r.updated.min(desired),
-                r.ready
-            ),
-        )),
+        (false, Some(r)) if !complete => {
+            // Until the deployment controller has seen the new template, the
+            // Deployment's counts describe the previous one: "2/2 updated" would be
+            // untrue.
+            let updated = if r.observed {
+                format!("{}/{desired} pods updated,", r.updated.min(desired))
+            } else {
+                "waiting for the deployment controller to take up the new Deployment;".to_owned()
+            };
+            Some((
+                reason::ROLLING_OUT,
+                format!(
+                    "rolling out generation {}: {updated} {}/{desired} ready",
+                    o.generation.unwrap_or(0),
+                    r.ready
+                ),
+            ))
+        }
         _ => None,
     };
 

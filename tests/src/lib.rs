@@ -25,6 +25,7 @@ pub mod node_agent;
 pub mod pki;
 pub mod pod_network;
 pub mod postgres;
+pub mod proc_stats;
 pub mod process;
 pub mod prom_tools;
 pub mod prometheus;

@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use chatgate_operator::crd::ChatService;
 use chatgate_operator::meta;
 use chatgate_tests::http::get_local as http_get;
+use chatgate_tests::proc_stats;
 use chatgate_tests::{ControlPlane, TestNamespace, wait_until};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -140,77 +141,27 @@ fn requests_between(
     out
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Clock ticks per second, the unit of `/proc`'s CPU times.
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf only reads a constant of the running system.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
-}
-
-/// CPU seconds (user and system) a process has used so far (`/proc/PID/stat`), or
-/// `/proc/self/stat` for this test process.
-fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = pid.map_or_else(
-        || "/proc/self/stat".to_owned(),
-        |p| format!("/proc/{p}/stat"),
-    );
-    let stat = std::fs::read_to_string(path).ok()?;
-    // The command name may hold spaces; the fields after it start at the last ')'.
-    // There, utime and stime (fields 14 and 15 of the line) are the 12th and 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-/// CPU seconds the whole machine has spent busy so far, over all its cores
-/// (`/proc/stat`: everything but idle and I/O wait).
-fn machine_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let ticks: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let busy: f64 = ticks
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, t)| t)
-        .sum();
-    Some(busy / clock_ticks())
+/// The operator's peak resident set in KiB (`VmHWM`), 0 when it cannot be read.
+fn peak_rss_kib(pid: u32) -> u64 {
+    proc_stats::peak_rss_bytes(pid).map_or(0, |b| b / 1024)
 }
 
 /// The CPU seconds of every process that takes part, and of the machine, at one
 /// moment; two of them give what each spent in between.
 struct CpuSample {
-    processes: Vec<(String, Option<f64>)>,
-    machine: Option<f64>,
+    processes: Vec<(String, Option<Duration>)>,
+    machine: Option<Duration>,
     at: Instant,
 }
 
 impl CpuSample {
-    fn take(processes: &[(String, Option<u32>)]) -> CpuSample {
+    fn take(processes: &[(String, u32)]) -> CpuSample {
         CpuSample {
             processes: processes
                 .iter()
-                .map(|(name, pid)| (name.clone(), cpu_seconds(*pid)))
+                .map(|(name, pid)| (name.clone(), proc_stats::cpu_time(*pid).ok()))
                 .collect(),
-            machine: machine_busy_seconds(),
+            machine: proc_stats::machine_busy_time().ok(),
             at: Instant::now(),
         }
     }
@@ -223,9 +174,9 @@ impl CpuSample {
             .iter()
             .zip(&later.processes)
             .map(|((name, a), (_, b))| {
-                let spent = a
-                    .zip(*b)
-                    .map_or("n/a".to_owned(), |(a, b)| format!("{:.1}", b - a));
+                let spent = a.zip(*b).map_or("n/a".to_owned(), |(a, b)| {
+                    format!("{:.1}", b.saturating_sub(a).as_secs_f64())
+                });
                 (format!("cpu_s_{name}"), spent)
             })
             .collect();
@@ -235,7 +186,8 @@ impl CpuSample {
             .machine
             .zip(later.machine)
             .map_or("n/a".to_owned(), |(a, b)| {
-                format!("{:.2} of {cores}", (b - a) / wall.max(f64::EPSILON))
+                let busy = b.saturating_sub(a).as_secs_f64();
+                format!("{:.2} of {cores}", busy / wall.max(f64::EPSILON))
             });
         out.push(("machine_busy_cores".to_owned(), busy));
         out
@@ -342,20 +294,16 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
         },
     )
     .await?;
-    let rss_idle = peak_rss_kib(pid).unwrap_or(0);
+    let rss_idle = peak_rss_kib(pid);
 
     // Every Deployment's and ChatService's changes, from before the first create.
     let log = StatusLog::start(admin.clone(), ns.name()).await?;
 
     // Apply them all at once (32 requests in flight).
     let api: Api<ChatService> = ns.api(admin.clone());
-    let mut processes: Vec<(String, Option<u32>)> = cp
-        .pids()
-        .into_iter()
-        .map(|(name, pid)| (name, Some(pid)))
-        .collect();
-    processes.push(("operator".to_owned(), Some(pid)));
-    processes.push(("bench".to_owned(), None));
+    let mut processes = cp.pids();
+    processes.push(("operator".to_owned(), pid));
+    processes.push(("bench".to_owned(), std::process::id()));
     let cpu_at_start = CpuSample::take(&processes);
     let requests_at_start = api_server_requests(&admin).await?;
     let started = Instant::now();
@@ -433,7 +381,7 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
         );
     }
     let converged_in = started.elapsed();
-    let rss_peak = peak_rss_kib(pid).unwrap_or(0);
+    let rss_peak = peak_rss_kib(pid);
 
     // Settle: every ChatService Ready and no reconcile in flight, so the resync below
     // finds nothing to do.
@@ -521,7 +469,7 @@ async fn bench_500_chatservices_applied_at_once() -> Result<()> {
     let operator_writes_after = metric(&m, "chatgate_operator_writes_total");
     let duration_sum = metric(&m, "chatgate_operator_reconcile_duration_seconds_sum");
     let duration_count = metric(&m, "chatgate_operator_reconcile_duration_seconds_count");
-    let rss_end = peak_rss_kib(pid).unwrap_or(0);
+    let rss_end = peak_rss_kib(pid);
 
     let report: BTreeMap<&str, String> = BTreeMap::from([
         ("chatservices", count.to_string()),

@@ -1,6 +1,7 @@
-//! What a server process has consumed, read from `/proc`: CPU time (all threads,
-//! user + system) and resident memory. Reading the server's own counters keeps the
-//! figures honest when the load generator shares the machine's cores.
+//! What a process, or the whole machine, has consumed, read from `/proc`: CPU time
+//! (all threads, user + system), resident memory and its peak. The benchmarks read
+//! the server's own counters, which keeps the figures honest when the load generator
+//! shares the machine's cores.
 
 use std::time::Duration;
 
@@ -24,6 +25,24 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     parse_status_kib(&status, "VmRSS:")
         .map(|kib| kib * 1024)
         .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// Peak resident set size of `pid` in bytes, from the `VmHWM` line of
+/// `/proc/<pid>/status`.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status_kib(&status, "VmHWM:")
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("no VmHWM in {path}"))
+}
+
+/// CPU time the whole machine has spent busy, summed over its cores, from the `cpu`
+/// line of `/proc/stat`: everything but idle and I/O wait.
+pub fn machine_busy_time() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = parse_busy_ticks(&stat).context("parsing /proc/stat")?;
+    Ok(ticks_to_duration(ticks, clock_ticks_per_second()))
 }
 
 /// Number of threads of `pid`, from `/proc/<pid>/status`.
@@ -55,6 +74,29 @@ fn parse_cpu_ticks(stat: &str) -> Result<u64> {
         bail!("too few fields")
     };
     Ok(utime.parse::<u64>()? + stime.parse::<u64>()?)
+}
+
+/// user, nice, system, irq, softirq and steal of the `cpu` line (guest time is
+/// inside user); idle and iowait are left out.
+fn parse_busy_ticks(stat: &str) -> Result<u64> {
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        bail!("no cpu line")
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if ticks.len() < 8 {
+        bail!("too few fields")
+    }
+    Ok(ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum())
 }
 
 fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
@@ -89,9 +131,18 @@ mod tests {
     }
 
     #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 2 30 9000 50 4 6 8 0 0\ncpu0 50 1 15 4500 25 2 3 4 0 0\n";
+        assert_eq!(parse_busy_ticks(stat).unwrap(), 100 + 2 + 30 + 4 + 6 + 8);
+        assert!(parse_busy_ticks("cpu  1 2 3\n").is_err());
+    }
+
+    #[test]
     fn this_process_has_cpu_time_and_memory() {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
+        assert!(peak_rss_bytes(pid).unwrap() >= rss_bytes(pid).unwrap() / 2);
         cpu_time(pid).unwrap();
+        machine_busy_time().unwrap();
     }
 }
