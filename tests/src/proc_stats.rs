@@ -20,21 +20,18 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
 
 /// Resident set size of `pid` in bytes, from the `VmRSS` line of `/proc/<pid>/status`.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_status_kib(&status, "VmRSS:")
-        .map(|kib| kib * 1024)
-        .with_context(|| format!("no VmRSS in {path}"))
+    status_field(pid, "VmRSS:").map(|kib| kib * 1024)
 }
 
 /// Peak resident set size of `pid` in bytes, from the `VmHWM` line of
 /// `/proc/<pid>/status`.
 pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_status_kib(&status, "VmHWM:")
-        .map(|kib| kib * 1024)
-        .with_context(|| format!("no VmHWM in {path}"))
+    status_field(pid, "VmHWM:").map(|kib| kib * 1024)
+}
+
+/// Number of threads of `pid`, from `/proc/<pid>/status`.
+pub fn threads(pid: u32) -> Result<u64> {
+    status_field(pid, "Threads:")
 }
 
 /// CPU time the whole machine has spent busy, summed over its cores, from the `cpu`
@@ -45,11 +42,11 @@ pub fn machine_busy_time() -> Result<Duration> {
     Ok(ticks_to_duration(ticks, clock_ticks_per_second()))
 }
 
-/// Number of threads of `pid`, from `/proc/<pid>/status`.
-pub fn threads(pid: u32) -> Result<u64> {
+/// The number on the `key` line of `/proc/<pid>/status` (memory lines are in KiB).
+fn status_field(pid: u32, key: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_status_kib(&status, "Threads:").with_context(|| format!("no Threads in {path}"))
+    parse_status_kib(&status, key).with_context(|| format!("no {key} line in {path}"))
 }
 
 fn clock_ticks_per_second() -> u64 {
