@@ -138,8 +138,8 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
 /// is no longer wanted.
 ///
 /// The ConfigMap goes first: the pods of the Deployment read it. The Deployment,
-/// Service and PodDisruptionBudget then go at once, each a read (when not cached)
-/// and a write, so a new ChatService waits for two round trips instead of six. All
+/// Service and PodDisruptionBudget then go at once, each a read (when the cache does
+/// not show it up to date) and a write, so a new ChatService waits for two round trips instead of six. All
 /// three run to the end; the first failure in that order is the one reported.
 pub async fn apply(
     client: &Client,
@@ -239,22 +239,27 @@ where
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<K> = Api::namespaced(client.clone(), &namespace);
-    // The cache holds only objects labelled as managed; one it lacks may still exist
-    // under the child's name, so it is read before anything is created.
-    let live = match store.get(&ObjectRef::from_obj(desired)) {
-        Some(live) => Some(live),
-        None => api
-            .get_opt(&name)
-            .await
-            .map_err(|source| WriteError {
-                verb: "reading",
-                kind: K::kind(&()).into_owned(),
-                namespace: namespace.clone(),
-                name: name.clone(),
-                source,
-            })?
-            .map(Arc::new),
-    };
+    if let Some(cached) = store.get(&ObjectRef::from_obj(desired)) {
+        check_owned(cached.as_ref(), desired)?;
+        if !needs_write(Some(cached.as_ref()), desired) {
+            return Ok((cached, 0));
+        }
+    }
+    // The cache holds only objects labelled as managed, so one it lacks may still exist
+    // under the child's name; and while a watch lists again after an expiry, the cache
+    // can lag behind this operator's own last write. So before anything is written the
+    // API server is asked: a write goes out only for a real difference.
+    let live = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| WriteError {
+            verb: "reading",
+            kind: K::kind(&()).into_owned(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?
+        .map(Arc::new);
     if let Some(live) = &live {
         check_owned(live.as_ref(), desired)?;
     }
